@@ -1,0 +1,194 @@
+"""RLoRA tuner layer: a LoRA whose factors are regenerated from ``z`` at every forward pass."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import transpose
+
+from .config import RLoraConfig
+from .projection import FastfoodProjection
+
+SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
+
+
+def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):
+        weight = base_layer.weight
+        d_in, d_out = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
+        return d_in, d_out
+    raise ValueError(
+        f"target module of type {type(base_layer).__name__} is not allowed; RLoRA adapts only "
+        "torch.nn.Linear and transformers' Conv1D. Narrow target_modules to such layers."
+    )
+
+
+class RLoraLayer(BaseTunerLayer):
+    """Holds, per adapter, the trainable ``z`` and the regenerated projection that maps it to (A, B)."""
+
+    adapter_layer_names = ("rlr_z", "rlr_scale", "rlr_log_sigma")
+    other_param_names = ("rlr_projection", "rlr_scaling", "rlr_dropout", "rlr_config")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.rlr_z = nn.ParameterDict({})
+        self.rlr_scale = nn.ParameterDict({})
+        self.rlr_log_sigma = nn.ParameterDict({})
+        self.rlr_projection: dict[str, FastfoodProjection] = {}
+        self.rlr_scaling: dict[str, float] = {}
+        self.rlr_dropout = nn.ModuleDict({})
+        self.rlr_config: dict[str, RLoraConfig] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
+
+    def update_layer(self, adapter_name: str, config: RLoraConfig, module_name: str, **kwargs) -> None:
+        total = config.r * (self.in_features + self.out_features)
+        if config.intrinsic_dim is not None:
+            dim = config.intrinsic_dim
+            if dim > total:
+                raise ValueError(
+                    f"RLoraConfig.intrinsic_dim={dim} is not allowed for module {module_name!r}: it must be in "
+                    f"[1, D] with D = r·(in+out) = {config.r}·({self.in_features}+{self.out_features}) = {total}."
+                )
+        else:
+            dim = math.ceil(config.projection_ratio * total)
+        self.rlr_projection[adapter_name] = FastfoodProjection.generate(
+            r=config.r,
+            in_features=self.in_features,
+            out_features=self.out_features,
+            intrinsic_dim=dim,
+            seed=config.seed,
+            module_name=module_name,
+        )
+        self.rlr_config[adapter_name] = config
+        self.rlr_scaling[adapter_name] = config.lora_alpha / config.r
+        self.rlr_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+        z = torch.zeros(dim)
+        if not config.init_weights and config.init_std > 0:
+            z.normal_(0.0, config.init_std)
+        self.rlr_z[adapter_name] = nn.Parameter(z)
+        if config.learnable_scale:
+            self.rlr_scale[adapter_name] = nn.Parameter(torch.ones(()))
+        if config.learn_posterior_sigma:
+            self.rlr_log_sigma[adapter_name] = nn.Parameter(torch.tensor(math.log(config.posterior_sigma)))
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._upcast_adapter(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        """z is a tiny vector: keep it in fp32 even on a half-precision base model."""
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            if adapter_name in params and params[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                params[adapter_name] = nn.Parameter(params[adapter_name].float())
+
+    # ----- the adapter's numbers -------------------------------------------------------------
+    def posterior_sigma(self, adapter_name: str) -> torch.Tensor | float:
+        if adapter_name in self.rlr_log_sigma:
+            return self.rlr_log_sigma[adapter_name].exp()
+        return self.rlr_config[adapter_name].posterior_sigma
+
+    def effective_z(self, adapter_name: str) -> torch.Tensor:
+        """z, plus posterior noise σ_q·ε in training mode when noise injection is on."""
+        z = self.rlr_z[adapter_name]
+        if self.training and self.rlr_config[adapter_name].noise_injection:
+            z = z + self.posterior_sigma(adapter_name) * torch.randn_like(z)
+        return z
+
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (A, B) of shapes (r, in) and (out, r), differentiable in z."""
+        scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
+        return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
+
+    def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Deterministic (A, B, scaling) such that ΔW = scaling · B A, for export to plain LoRA."""
+        was_training = self.training
+        self.train(False)
+        try:
+            with torch.no_grad():
+                lora_a, lora_b = self.lora_factors(adapter_name)
+        finally:
+            self.train(was_training)
+        return lora_a, lora_b, self.rlr_scaling[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW in the base weight's layout (transposed for Conv1D) and dtype."""
+        lora_a, lora_b, scaling = self.export_factors(adapter_name)
+        delta = transpose(lora_b @ lora_a, self.fan_in_fan_out) * scaling
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class RLoraLinear(nn.Module, RLoraLayer):
+    """RLoRA around ``nn.Linear`` or ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, module_name: str, **kwargs):
+        super().__init__()
+        RLoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_layer = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.rlr_z:
+                continue
+            delta = self.get_delta_weight(adapter)
+            if safe_merge:
+                merged = base_layer.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                base_layer.weight.data = merged
+            else:
+                base_layer.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.rlr_z:
+                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.rlr_z:
+                continue
+            lora_a, lora_b = self.lora_factors(adapter)
+            h = self.rlr_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
+            update = (h @ lora_a.t()) @ lora_b.t()
+            result = result + (update * self.rlr_scaling[adapter]).to(result.dtype)
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "rlora." + super().__repr__()

@@ -1,0 +1,52 @@
+"""RLoRA tuner: swaps target ``nn.Linear``/``Conv1D`` modules for :class:`RLoraLinear`."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from .config import RLoraConfig
+from .layer import RLoraLayer, RLoraLinear, base_layer_features
+from .pac_bayes import register_model
+
+
+class RLoraModel(BaseTuner):
+    """Creates an RLoRA model from a pretrained transformers model (use via ``get_peft_model``).
+
+    Lei, Qian, Cheung. Fast Randomized Low-Rank Adaptation of Pre-trained Language Models with PAC
+    Regularization. Findings of ACL 2024. doi:10.18653/v1/2024.findings-acl.310
+    """
+
+    prefix: str = "rlr_"
+    tuner_layer_cls = RLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kw):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        if isinstance(target, RLoraLayer):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        base_layer_features(base)  # raises a clear error for unsupported layer types
+        self._align_fan_in_fan_out(config, base)
+        new_module = RLoraLinear(target, adapter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _align_fan_in_fan_out(config: RLoraConfig, base: nn.Module) -> None:
+        wants = isinstance(base, Conv1D)
+        if config.fan_in_fan_out != wants:
+            warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target is {type(base).__name__}; "
+                          f"setting fan_in_fan_out to {wants}.")
+            config.fan_in_fan_out = wants
+
+    def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
+        register_model(model)
