@@ -7,15 +7,16 @@ import warnings
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from ..base_tuner import LowRankTuner
 from .config import RLoraConfig
 from .layer import RLoraLayer, RLoraLinear, base_layer_features
 from .pac_bayes import register_model
 
 
-class RLoraModel(BaseTuner):
+class RLoraModel(LowRankTuner):
     """Creates an RLoRA model from a pretrained transformers model (use via ``get_peft_model``).
 
     Lei, Qian, Cheung. Fast Randomized Low-Rank Adaptation of Pre-trained Language Models with PAC

@@ -1,0 +1,29 @@
+"""Behaviour every tuner of this package shares on top of PEFT's ``BaseTuner``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTuner
+
+
+class LowRankTuner(BaseTuner):
+    """``BaseTuner`` with a module swap that works for any wrapped module.
+
+    PEFT's generic ``_replace_module`` copies ``child.weight`` onto a replacement without a
+    ``base_layer``; that breaks ``merge_and_unload`` when ``modules_to_save`` holds a head with no
+    ``weight`` (e.g. RoBERTa's classification head). LoRA overrides it the same way.
+    """
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        child = getattr(child, "base_layer", child)
+        weight = getattr(child, "weight", None)
+        if weight is None:
+            weight = next(child.parameters(), None)
+        if weight is None or weight.device == torch.device("meta"):
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(weight.device)

@@ -1,0 +1,181 @@
+"""RLoRA specifics: config validation, the Fastfood projection, regeneration and load-time safety."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peft_lowrank_ext import RLoraConfig
+from peft_lowrank_ext.kernels.hadamard import hadamard_matrix
+from peft_lowrank_ext.rlora.layer import RLoraLayer
+from peft_lowrank_ext.rlora.projection import FastfoodProjection, fastfood_project, next_power_of_two
+from models import TINY_MODELS
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(r=0, projection_ratio=0.1), "r"),
+        (dict(r=-3, projection_ratio=0.1), "r"),
+        (dict(r=2.5, projection_ratio=0.1), "r"),
+        (dict(intrinsic_dim=0), "intrinsic_dim"),
+        (dict(intrinsic_dim=-1), "intrinsic_dim"),
+        (dict(projection_ratio=0.0), "projection_ratio"),
+        (dict(projection_ratio=1.5), "projection_ratio"),
+        (dict(projection_ratio=float("nan")), "projection_ratio"),
+        (dict(intrinsic_dim=8, projection_ratio=0.1), "intrinsic_dim"),
+        (dict(), "projection_ratio"),
+        (dict(projection_ratio=0.1, lora_alpha=0), "lora_alpha"),
+        (dict(projection_ratio=0.1, lora_dropout=1.0), "lora_dropout"),
+        (dict(projection_ratio=0.1, pac_bayes_weight=-1.0), "pac_bayes_weight"),
+        (dict(projection_ratio=0.1, pac_bayes_weight=1.0), "num_train_examples"),
+        (dict(projection_ratio=0.1, pac_bayes_weight=1.0, num_train_examples=0), "num_train_examples"),
+        (dict(projection_ratio=0.1, pac_bayes_bound="catoni"), "pac_bayes_bound"),
+        (dict(projection_ratio=0.1, pac_bayes_delta=1.0), "pac_bayes_delta"),
+        (dict(projection_ratio=0.1, prior_sigma=0.0), "prior_sigma"),
+        (dict(projection_ratio=0.1, posterior_sigma=-0.1), "posterior_sigma"),
+        (dict(projection_ratio=0.1, seed=-1), "seed"),
+        (dict(projection_ratio=0.1, bias="all"), "bias"),
+        (dict(projection_ratio=0.1, target_parameters=["w"]), "target_parameters"),
+        (dict(projection_ratio=0.1, init_std=-1.0), "init_std"),
+        (dict(projection_ratio=0.1, projection_version=0), "projection_version"),
+        (dict(projection_ratio=0.1, projection_fingerprint="0000"), "projection_fingerprint"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field) as info:
+        RLoraConfig(**kwargs)
+    assert "allowed" in str(info.value)
+
+
+def test_intrinsic_dim_larger_than_module_is_refused_at_wrap_time():
+    case = TINY_MODELS["llama"]
+    # q_proj is 32x32 at r=2: D = 2*(32+32) = 128
+    config = RLoraConfig(r=2, intrinsic_dim=129, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"intrinsic_dim=129.*q_proj.*\[1, D\]"):
+        get_peft_model(case.build(), config)
+
+
+def test_unsupported_layer_type_and_missing_targets_are_refused():
+    case = TINY_MODELS["gpt2"]
+    with pytest.raises(ValueError, match="Embedding.*only torch.nn.Linear and transformers' Conv1D"):
+        get_peft_model(case.build(), RLoraConfig(projection_ratio=0.1, target_modules=["wte"]))
+    with pytest.raises(ValueError, match="not_a_module"):
+        get_peft_model(case.build(), RLoraConfig(projection_ratio=0.1, target_modules=["not_a_module"]))
+
+
+def dense_fastfood(z, signs, perm, gauss, out_dim):
+    """The projection written as explicit matrices in float64: the reference for fastfood_project."""
+    length = signs.numel()
+    h = hadamard_matrix(length, torch.float64)
+    pi = torch.zeros(length, length, dtype=torch.float64)
+    pi[torch.arange(length), perm] = 1.0
+    p_full = h @ torch.diag(gauss.double()) @ pi @ h @ torch.diag(signs.double())
+    p = p_full[:out_dim, : z.numel()] / (gauss.double().norm() * math.sqrt(out_dim))
+    return p @ z.double(), p
+
+
+@pytest.mark.parametrize("d, out_dim", [(5, 40), (16, 64), (33, 100)])
+def test_fastfood_matches_dense_matrix_and_its_transpose(d, out_dim):
+    proj = FastfoodProjection.generate(r=2, in_features=out_dim // 4, out_features=out_dim // 4, intrinsic_dim=d,
+                                       seed=7, module_name="m")
+    out_dim = proj.total_dim
+    z = torch.randn(d, dtype=torch.float32, requires_grad=True)
+    got = fastfood_project(z[None], proj.signs[None], proj.perm[None], proj.gauss[None], out_dim)[0]
+    want, p = dense_fastfood(z.detach(), proj.signs, proj.perm, proj.gauss, out_dim)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    v = torch.randn(out_dim)
+    (grad,) = torch.autograd.grad(got, z, v)
+    torch.testing.assert_close(grad.double(), p.t() @ v.double(), atol=1e-5, rtol=1e-5)
+    assert proj.signs.numel() == next_power_of_two(max(out_dim, d))
+
+
+def test_projection_roughly_preserves_norm():
+    proj = FastfoodProjection.generate(r=8, in_features=256, out_features=256, intrinsic_dim=512, seed=0,
+                                       module_name="x")
+    z = torch.randn(512)
+    out = fastfood_project(z[None], proj.signs[None], proj.perm[None], proj.gauss[None], proj.total_dim)[0]
+    assert 0.5 < out.norm() / z.norm() < 2.0
+
+
+def test_randomness_is_regenerated_from_seed_and_module_name():
+    make = lambda seed, name: FastfoodProjection.generate(r=2, in_features=8, out_features=6, intrinsic_dim=4,
+                                                          seed=seed, module_name=name)
+    a, b, c, d = make(0, "x.q"), make(0, "x.q"), make(0, "x.k"), make(1, "x.q")
+    for name in ("signs", "perm", "gauss", "lora_a_init"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+        assert not torch.equal(getattr(a, name), getattr(c, name))
+        assert not torch.equal(getattr(a, name), getattr(d, name))
+    bound = 1 / math.sqrt(8)
+    assert a.lora_a_init.abs().max() <= bound
+    assert set(a.signs.tolist()) == {-1.0, 1.0}
+    assert torch.equal(a.perm.sort().values, torch.arange(a.perm.numel()))
+
+
+def test_fresh_adapter_is_a_no_op_and_only_z_is_saved(tmp_path):
+    case = TINY_MODELS["gpt2"]
+    inputs = case.inputs()
+    base = case.build()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    config = RLoraConfig(r=4, projection_ratio=0.1, target_modules=["c_attn"])
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    d_in, d_out = 32, 96  # c_attn of the tiny GPT-2
+    assert len(saved) == 2
+    for key, tensor in saved.items():
+        assert key.endswith("rlr_z") and tensor.shape == (math.ceil(0.1 * 4 * (d_in + d_out)),)
+
+
+def test_learnable_scale_and_sigma_are_saved_as_scalars(tmp_path):
+    case = TINY_MODELS["llama"]
+    config = RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"], learnable_scale=True,
+                         learn_posterior_sigma=True)
+    model = get_peft_model(case.build(), config)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    shapes = sorted((k.rsplit(".", 1)[-1], tuple(v.shape)) for k, v in saved.items())
+    assert shapes == [("rlr_log_sigma", ())] * 2 + [("rlr_scale", ())] * 2 + [("rlr_z", (16,))] * 2
+
+
+def test_loading_adapter_of_other_projection_version_fails_clearly(tmp_path):
+    case = TINY_MODELS["llama"]
+    model = get_peft_model(case.build(), RLoraConfig(r=2, intrinsic_dim=8, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["projection_version"] == 1 and len(saved["projection_fingerprint"]) == 16
+
+    path.write_text(json.dumps({**saved, "projection_version": 99}))
+    with pytest.raises(ValueError, match="projection_version=99.*different weights"):
+        PeftModel.from_pretrained(case.build(), tmp_path)
+    path.write_text(json.dumps({**saved, "projection_fingerprint": "deadbeefdeadbeef"}))
+    with pytest.raises(ValueError, match="projection_fingerprint='deadbeefdeadbeef'"):
+        PeftModel.from_pretrained(case.build(), tmp_path)
+
+
+def test_noise_injection_only_in_training_and_sigma_learns():
+    case = TINY_MODELS["llama"]
+    config = RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"], noise_injection=True,
+                         learn_posterior_sigma=True, posterior_sigma=0.5, init_weights=False, init_std=0.1)
+    model = get_peft_model(case.build(), config)
+    inputs = case.inputs()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, model(**inputs).logits)
+    model.train()
+    out1 = model(**inputs, labels=inputs["input_ids"])
+    with torch.no_grad():
+        out2 = model(**inputs).logits
+    assert not torch.allclose(out1.logits.detach(), out2)
+    out1.loss.backward()
+    sigmas = [m.rlr_log_sigma["default"] for m in model.modules() if isinstance(m, RLoraLayer)]
+    assert sigmas and all(s.grad is not None and s.grad != 0 for s in sigmas)
