@@ -179,3 +179,30 @@ def test_noise_injection_only_in_training_and_sigma_learns():
     out1.loss.backward()
     sigmas = [m.rlr_log_sigma["default"] for m in model.modules() if isinstance(m, RLoraLayer)]
     assert sigmas and all(s.grad is not None and s.grad != 0 for s in sigmas)
+
+
+def test_inference_factor_cache_follows_every_change_of_z():
+    case = TINY_MODELS["llama"]
+    model = get_peft_model(case.build(), RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"],
+                                                     init_weights=False, init_std=0.3)).eval()
+    inputs = case.inputs()
+
+    def fresh():
+        with torch.enable_grad():
+            return model(**inputs).logits.detach()
+
+    with torch.no_grad():
+        first = model(**inputs).logits
+        assert torch.equal(model(**inputs).logits, first)
+        assert torch.equal(first, fresh())
+        z = next(p for n, p in model.named_parameters() if "rlr_z" in n)
+        z.mul_(2.0)
+        assert not torch.equal(model(**inputs).logits, first)
+        assert torch.equal(model(**inputs).logits, fresh())
+        state = {k: v.clone() for k, v in model.state_dict().items() if "rlr_z" in k}
+        for v in state.values():
+            v.zero_()
+        model.load_state_dict(state, strict=False)
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        assert torch.equal(model(**inputs).logits, base)

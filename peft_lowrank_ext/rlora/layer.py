@@ -37,7 +37,7 @@ class RLoraLayer(BaseTunerLayer):
     """Holds, per adapter, the trainable ``z`` and the regenerated projection that maps it to (A, B)."""
 
     adapter_layer_names = ("rlr_z", "rlr_scale", "rlr_log_sigma")
-    other_param_names = ("rlr_projection", "rlr_scaling", "rlr_dropout", "rlr_config")
+    other_param_names = ("rlr_projection", "rlr_scaling", "rlr_dropout", "rlr_config", "_rlr_factor_cache")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -48,6 +48,7 @@ class RLoraLayer(BaseTunerLayer):
         self.rlr_scaling: dict[str, float] = {}
         self.rlr_dropout = nn.ModuleDict({})
         self.rlr_config: dict[str, RLoraConfig] = {}
+        self._rlr_factor_cache: dict[str, tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -110,9 +111,22 @@ class RLoraLayer(BaseTunerLayer):
         return z
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (A, B) of shapes (r, in) and (out, r), differentiable in z."""
+        """fp32 (A, B) of shapes (r, in) and (out, r), differentiable in z.
+
+        Without autograd (inference, generation) the factors are cached until z or the scale
+        changes, so a token-by-token decode does not regenerate them at every step.
+        """
+        z = self.rlr_z[adapter_name]
         scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
-        return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
+        noisy = self.training and self.rlr_config[adapter_name].noise_injection
+        if torch.is_grad_enabled() or noisy:
+            return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
+        key = (z.data_ptr(), z._version, z.device, None if scale is None else (scale.data_ptr(), scale._version))
+        cached = self._rlr_factor_cache.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, self.rlr_projection[adapter_name].factors(z, scale))
+            self._rlr_factor_cache[adapter_name] = cached
+        return cached[1]
 
     def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Deterministic (A, B, scaling) such that ΔW = scaling · B A, for export to plain LoRA."""
