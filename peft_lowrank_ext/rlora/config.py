@@ -58,6 +58,10 @@ class RLoraConfig(LowRankPeftConfig):
     init_std: float = field(
         default=0.0, metadata={"help": "With init_weights=False, z starts as N(0, init_std²) (tests, warm starts)."}
     )
+    batch_projection: bool = field(
+        default=True,
+        metadata={"help": "Generate all modules' factors in grouped launches once per forward pass (False: per layer)."},
+    )
     projection_version: int = field(
         default=PROJECTION_VERSION, metadata={"help": "Layout version of the regenerated projection (checked on load)."}
     )
@@ -94,6 +98,7 @@ class RLoraConfig(LowRankPeftConfig):
         check_bool(owner, "learn_posterior_sigma", self.learn_posterior_sigma)
         check_bool(owner, "noise_injection", self.noise_injection)
         check_real(owner, "init_std", self.init_std, low=0.0)
+        check_bool(owner, "batch_projection", self.batch_projection)
         self._check_projection_identity(owner)
 
     def _check_projection_identity(self, owner: str) -> None:

@@ -37,7 +37,7 @@ class RLoraLayer(BaseTunerLayer):
     """Holds, per adapter, the trainable ``z`` and the regenerated projection that maps it to (A, B)."""
 
     adapter_layer_names = ("rlr_z", "rlr_scale", "rlr_log_sigma")
-    other_param_names = ("rlr_projection", "rlr_scaling", "rlr_dropout", "rlr_config", "_rlr_factor_cache")
+    other_param_names = ("rlr_projection", "rlr_scaling", "rlr_dropout", "rlr_config", "_rlr_factor_cache", "_rlr_pending")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -49,6 +49,7 @@ class RLoraLayer(BaseTunerLayer):
         self.rlr_dropout = nn.ModuleDict({})
         self.rlr_config: dict[str, RLoraConfig] = {}
         self._rlr_factor_cache: dict[str, tuple] = {}
+        self._rlr_pending: dict[str, tuple] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -110,21 +111,33 @@ class RLoraLayer(BaseTunerLayer):
             z = z + self.posterior_sigma(adapter_name) * torch.randn_like(z)
         return z
 
+    def _state_key(self, adapter_name: str) -> tuple:
+        """Identifies the current values of z (and the scale): any in-place update changes it."""
+        z = self.rlr_z[adapter_name]
+        scale = self.rlr_scale.get(adapter_name) if adapter_name in self.rlr_scale else None
+        return (z.data_ptr(), z._version, z.device, None if scale is None else (scale.data_ptr(), scale._version))
+
+    def uses_noise(self, adapter_name: str) -> bool:
+        return self.training and self.rlr_config[adapter_name].noise_injection
+
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (A, B) of shapes (r, in) and (out, r), differentiable in z.
 
-        Without autograd (inference, generation) the factors are cached until z or the scale
-        changes, so a token-by-token decode does not regenerate them at every step.
+        With autograd on, factors generated for the whole model at the start of the forward pass
+        (see ``batched.py``) are used if present; they stay until the next forward pass so that a
+        gradient-checkpointing recompute sees the very same tensors. Without autograd (inference, generation)
+        they are cached until z or the scale changes, so decoding does not regenerate them per token.
         """
-        z = self.rlr_z[adapter_name]
         scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
-        noisy = self.training and self.rlr_config[adapter_name].noise_injection
-        if torch.is_grad_enabled() or noisy:
+        if torch.is_grad_enabled() or self.uses_noise(adapter_name):
+            pending = self._rlr_pending.get(adapter_name)
+            if pending is not None and pending[0] == self._state_key(adapter_name):
+                return pending[1]
             return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
-        key = (z.data_ptr(), z._version, z.device, None if scale is None else (scale.data_ptr(), scale._version))
+        key = self._state_key(adapter_name)
         cached = self._rlr_factor_cache.get(adapter_name)
         if cached is None or cached[0] != key:
-            cached = (key, self.rlr_projection[adapter_name].factors(z, scale))
+            cached = (key, self.rlr_projection[adapter_name].factors(self.rlr_z[adapter_name], scale))
             self._rlr_factor_cache[adapter_name] = cached
         return cached[1]
 

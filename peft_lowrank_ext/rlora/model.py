@@ -13,6 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ..base_tuner import LowRankTuner
 from .config import RLoraConfig
 from .layer import RLoraLayer, RLoraLinear, base_layer_features
+from .batched import install_batched_projection
 from .pac_bayes import register_model
 
 
@@ -51,3 +52,4 @@ class RLoraModel(LowRankTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
         register_model(model)
+        install_batched_projection(model)

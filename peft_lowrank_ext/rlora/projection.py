@@ -3,6 +3,8 @@
 Nothing here is saved: the random signs, permutation, Gaussian scales and the LoRA init ``A0`` are
 regenerated from ``(seed, module name)`` with a CPU generator, so an adapter on disk holds only ``z``.
 ``PROJECTION_VERSION`` names this exact layout; change it whenever the generated numbers change.
+The projection itself, ``P z = [H diag(g) Π H diag(b) pad_L(z)]_{:D} / (‖g‖ √D)``, is the
+``fastfood_project`` kernel op (Triton on CUDA, PyTorch elsewhere).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.hadamard import fwht
+from ..kernels.fastfood import fastfood_project
 
 PROJECTION_VERSION = 1
 
@@ -26,22 +28,6 @@ def module_seed(seed: int, module_name: str) -> int:
     """A 63-bit seed that depends only on the user seed, the module name and the layout version."""
     digest = hashlib.sha256(f"rlora-v{PROJECTION_VERSION}:{seed}:{module_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def fastfood_project(
-    z: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor, gauss: torch.Tensor, out_dim: int
-) -> torch.Tensor:
-    """``P z = [H diag(g) Π H diag(b) pad_L(z)]_{:D} / (‖g‖ √D)`` in fp32, differentiable in ``z``.
-
-    ``z``: (M, d); ``signs``/``gauss``: (M, L) float; ``perm``: (M, L) int64 with ``(Π v)_i = v[perm_i]``.
-    """
-    length = signs.shape[-1]
-    x = torch.nn.functional.pad(z.float(), (0, length - z.shape[-1]))
-    x = fwht(x * signs)
-    x = torch.gather(x, -1, perm) * gauss
-    x = fwht(x)[..., :out_dim]
-    norm = gauss.norm(dim=-1, keepdim=True) * math.sqrt(out_dim)
-    return x / norm
 
 
 @dataclass
@@ -88,8 +74,15 @@ class FastfoodProjection:
 
     def factors(self, z: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Materialise fp32 ``(A, B)`` = ``(A0, 0) + scale · P z``."""
-        signs, perm, gauss, lora_a_init = self.tensors(z.device)
+        signs, perm, gauss, _ = self.tensors(z.device)
         delta = fastfood_project(z[None], signs[None], perm[None], gauss[None], self.total_dim)[0]
+        return self.factors_from_projection(delta, scale)
+
+    def factors_from_projection(
+        self, delta: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` from an already computed ``P z`` of length D (e.g. from a grouped launch)."""
+        lora_a_init = self.tensors(delta.device)[3]
         if scale is not None:
             delta = delta * scale
         split = self.r * self.in_features
