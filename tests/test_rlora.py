@@ -237,3 +237,20 @@ def test_grouped_projection_equals_per_layer_projection(checkpointing):
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
     for name, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_over_rlora_forward_and_backward():
+    case = TINY_MODELS["llama"]
+    inputs = case.inputs()
+    results = []
+    for compiled in (False, True):
+        config = RLoraConfig(r=2, projection_ratio=0.3, target_modules=["q_proj", "v_proj"], init_weights=False,
+                             init_std=0.3)
+        model = get_peft_model(case.build(), config).train()
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        out = run(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5)

@@ -43,7 +43,7 @@ def _precompute_factors(model: nn.Module, args, kwargs) -> None:
     for (module, adapter), delta in zip(jobs, fastfood_project_grouped(inputs)):
         scale = module.rlr_scale[adapter] if adapter in module.rlr_scale else None
         factors = module.rlr_projection[adapter].factors_from_projection(delta, scale)
-        module._rlr_pending[adapter] = (module._state_key(adapter), factors)
+        module._rlr_pending[adapter] = (module.pending_key(adapter), factors)
 
 
 def install_batched_projection(model: nn.Module) -> None:

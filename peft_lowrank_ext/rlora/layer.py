@@ -117,6 +117,15 @@ class RLoraLayer(BaseTunerLayer):
         scale = self.rlr_scale.get(adapter_name) if adapter_name in self.rlr_scale else None
         return (z.data_ptr(), z._version, z.device, None if scale is None else (scale.data_ptr(), scale._version))
 
+    def pending_key(self, adapter_name: str) -> tuple:
+        """Cheap validity token for grouped factors: the z object and its version (if not compiling)."""
+        z = self.rlr_z[adapter_name]
+        return (z, None if torch.compiler.is_compiling() else z._version)
+
+    def _pending_is_current(self, adapter_name: str, key: tuple) -> bool:
+        z = self.rlr_z[adapter_name]
+        return key[0] is z and (torch.compiler.is_compiling() or key[1] == z._version)
+
     def uses_noise(self, adapter_name: str) -> bool:
         return self.training and self.rlr_config[adapter_name].noise_injection
 
@@ -131,7 +140,7 @@ class RLoraLayer(BaseTunerLayer):
         scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
         if torch.is_grad_enabled() or self.uses_noise(adapter_name):
             pending = self._rlr_pending.get(adapter_name)
-            if pending is not None and pending[0] == self._state_key(adapter_name):
+            if pending is not None and self._pending_is_current(adapter_name, pending[0]):
                 return pending[1]
             return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
         key = self._state_key(adapter_name)
