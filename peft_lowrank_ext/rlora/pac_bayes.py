@@ -5,8 +5,8 @@ modules of one adapter:
 ``KL = ½ Σ_m [d_m σ_q,m²/σ_p² + ‖z_m‖²/σ_p² − d_m + d_m ln(σ_p²/σ_q,m²)]``;
 regularizer ``w · sqrt((KL + ln(2√n/δ)) / 2n)`` (McAllester) or ``w · KL / n`` (linear).
 
-Why a global optimizer pre-step hook instead of a loss term: TRL's ``SFTTrainer`` (and any loop
-that computes its own loss) ignores loss terms a tuner adds in ``forward``. The hook adds
+Why an optimizer pre-step hook (``step_hooks``) instead of a loss term: TRL's ``SFTTrainer`` (and
+any loop that computes its own loss) ignores loss terms a tuner adds in ``forward``. The hook adds
 ``∇R`` to the gradients of ``z`` (and of ``log σ_q``) of every registered RLoRA model whose
 parameters the stepping optimizer holds — once per optimizer step, i.e. after gradient
 accumulation and after gradient clipping, under a plain loop, ``Trainer`` and ``SFTTrainer`` alike.
@@ -15,16 +15,13 @@ accumulation and after gradient clipping, under a plain loop, ``Trainer`` and ``
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Iterator
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ..step_hooks import register_step_callbacks
 from .layer import RLoraLayer
 
-_REGISTERED_MODELS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-_HOOK_HANDLE = None
 # Values of the regularizer at the latest optimizer step, per (id(model), adapter), for logging.
 LAST_VALUES: dict[tuple[int, str], dict[str, float]] = {}
 
@@ -87,40 +84,34 @@ def register_model(model: torch.nn.Module) -> None:
     """Make ``model``'s regularizer apply at every optimizer step that updates its parameters.
 
     Registers the adapted model itself (not the tuner), so adapters injected by transformers'
-    ``load_adapter`` are covered too; the set holds weak references only.
+    ``load_adapter`` are covered too.
     """
-    global _HOOK_HANDLE
-    _REGISTERED_MODELS.add(model)
-    if _HOOK_HANDLE is None:
-        _HOOK_HANDLE = register_optimizer_step_pre_hook(_apply_regularizer_gradients)
+    register_step_callbacks(model, "rlora_pac_bayes", pre=_apply_regularizer_gradients)
 
 
-def _apply_regularizer_gradients(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _REGISTERED_MODELS:
-        return
+def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for model in list(_REGISTERED_MODELS):
-        for adapter_name in _adapter_names(model):
-            if not _adapter_config(model, adapter_name).pac_bayes_enabled:
+    for adapter_name in _adapter_names(model):
+        if not _adapter_config(model, adapter_name).pac_bayes_enabled:
+            continue
+        params = [
+            p
+            for layer in _layers(model, adapter_name)
+            for store in (layer.rlr_z, layer.rlr_log_sigma)
+            if adapter_name in store
+            for p in [store[adapter_name]]
+            if p.requires_grad and id(p) in stepped
+        ]
+        if not params:
+            continue
+        with torch.enable_grad():
+            terms = pac_bayes_terms(model, adapter_name)
+            grads = torch.autograd.grad(terms["regularizer"], params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is None:
                 continue
-            params = [
-                p
-                for layer in _layers(model, adapter_name)
-                for store in (layer.rlr_z, layer.rlr_log_sigma)
-                if adapter_name in store
-                for p in [store[adapter_name]]
-                if p.requires_grad and id(p) in stepped
-            ]
-            if not params:
-                continue
-            with torch.enable_grad():
-                terms = pac_bayes_terms(model, adapter_name)
-                grads = torch.autograd.grad(terms["regularizer"], params, allow_unused=True)
-            for p, g in zip(params, grads):
-                if g is None:
-                    continue
-                if p.grad is None:
-                    p.grad = g.detach().to(p.dtype)
-                else:
-                    p.grad.add_(g.to(p.grad.dtype))
-            LAST_VALUES[(id(model), adapter_name)] = {k: float(v.detach()) for k, v in terms.items()}
+            if p.grad is None:
+                p.grad = g.detach().to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+        LAST_VALUES[(id(model), adapter_name)] = {k: float(v.detach()) for k, v in terms.items()}

@@ -1,0 +1,52 @@
+"""Per-optimizer-step work that happens by itself under any training loop.
+
+Nothing in transformers or TRL calls a tuner's per-step method (AdaLoRA's ``update_and_allocate``
+is silently skipped under ``Trainer``). So the methods of this package attach their training-time
+work to PyTorch's *global* optimizer step hooks: a registered model's callbacks run whenever an
+optimizer steps that holds at least one of the model's trainable parameters — in a plain loop,
+HF ``Trainer`` and TRL ``SFTTrainer`` alike, once per optimizer step (after gradient accumulation
+and clipping). Models are held by weak reference.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+# callback(model, optimizer) -> None
+StepCallback = Callable[[nn.Module, torch.optim.Optimizer], None]
+
+_CALLBACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[StepCallback | None, StepCallback | None]]]" = (
+    weakref.WeakKeyDictionary()
+)
+_HANDLES: list = []
+
+
+def register_step_callbacks(
+    model: nn.Module, key: str, pre: StepCallback | None = None, post: StepCallback | None = None
+) -> None:
+    """Run ``pre``/``post`` around every optimizer step that updates ``model`` (idempotent per ``key``)."""
+    if not _HANDLES:
+        _HANDLES.append(register_optimizer_step_pre_hook(lambda opt, a, k: _run(opt, 0)))
+        _HANDLES.append(register_optimizer_step_post_hook(lambda opt, a, k: _run(opt, 1)))
+    _CALLBACKS.setdefault(model, {})[key] = (pre, post)
+
+
+def optimizer_updates(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Whether ``optimizer`` holds any trainable parameter of ``model``."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return any(p.requires_grad and id(p) in held for p in model.parameters())
+
+
+def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
+    if not _CALLBACKS:
+        return
+    for model, callbacks in list(_CALLBACKS.items()):
+        active = [cb[which] for cb in callbacks.values() if cb[which] is not None]
+        if active and optimizer_updates(optimizer, model):
+            for callback in active:
+                callback(model, optimizer)
