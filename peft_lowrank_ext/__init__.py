@@ -6,11 +6,26 @@ After ``import peft_lowrank_ext``, ``get_peft_model(model, RLoraConfig(...))``, 
 
 from .registry import register_method
 from .rlora import RLoraConfig, RLoraModel, pac_bayes_stats
+from .autolora import (
+    AutoLoraConfig,
+    AutoLoraModel,
+    AutoLoraSearch,
+    autolora_ranks,
+    autolora_select,
+    retrain_lora_config,
+    run_autolora,
+)
 
 register_method("rlora", RLoraConfig, RLoraModel)
+register_method("autolora", AutoLoraConfig, AutoLoraModel)
 
 from .export import export_lora  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RLoraConfig", "RLoraModel", "export_lora", "pac_bayes_stats", "__version__"]
+__all__ = [
+    "RLoraConfig", "RLoraModel", "pac_bayes_stats",
+    "AutoLoraConfig", "AutoLoraModel", "AutoLoraSearch", "autolora_ranks", "autolora_select",
+    "retrain_lora_config", "run_autolora",
+    "export_lora", "__version__",
+]

@@ -57,7 +57,10 @@ def export_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name: st
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for name, layer in layers.items():
-        lora_a, lora_b, scaling = layer.export_factors(adapter_name)
+        factors = layer.export_factors(adapter_name)
+        if factors is None:  # every rank of this module is switched off: it contributes nothing
+            continue
+        lora_a, lora_b, scaling = factors
         key = _module_key(peft_model, name)
         tensors[f"base_model.model.{key}.lora_A.weight"] = lora_a.detach().float().cpu().contiguous()
         tensors[f"base_model.model.{key}.lora_B.weight"] = lora_b.detach().float().cpu().contiguous()
@@ -70,6 +73,8 @@ def export_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name: st
         if own_prefix not in key:
             tensors[key] = value.detach().cpu().contiguous()
 
+    if not ranks:
+        raise ValueError(f"adapter {adapter_name!r} has every module switched off; there is nothing to export")
     lora_config = _lora_config(config, ranks, alphas)
     os.makedirs(path, exist_ok=True)
     lora_config.save_pretrained(path)

@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from peft import PeftConfig
 
-from peft_lowrank_ext import RLoraConfig
+from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, RLoraConfig
+from models import VOCAB
 
 
 @dataclass(frozen=True)
 class MethodCase:
     name: str
-    # (target_modules, task_type, **overrides) -> a config whose adapter is NOT a no-op (so merge tests bite)
+    # (target_modules, task_type) -> a config whose adapter is NOT a no-op (so merge tests bite)
     make_config: Callable[..., PeftConfig]
     prefix: str
+    # () -> extra Trainer callbacks the method needs to train (e.g. AutoLoRA's held-out data)
+    trainer_callbacks: Callable[[], list] = field(default=lambda: [])
 
 
-def _rlora(target_modules, task_type, **overrides):
-    kwargs = dict(r=4, lora_alpha=8, projection_ratio=0.25, target_modules=list(target_modules),
-                  task_type=task_type, init_weights=False, init_std=0.5, seed=3)
-    kwargs.update(overrides)
-    return RLoraConfig(**kwargs)
+def _rlora(target_modules, task_type):
+    return RLoraConfig(r=4, lora_alpha=8, projection_ratio=0.25, target_modules=list(target_modules),
+                       task_type=task_type, init_weights=False, init_std=0.5, seed=3)
+
+
+def _autolora(target_modules, task_type):
+    return AutoLoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), task_type=task_type,
+                          init_weights=False)
+
+
+def lm_batches(n: int = 2, batch: int = 4, seq: int = 8):
+    """Ready causal-LM batches (with labels) for held-out data."""
+    gen = torch.Generator().manual_seed(99)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, VOCAB, (batch, seq), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
 
 
 METHODS = {
     "rlora": MethodCase("rlora", _rlora, "rlr_"),
+    "autolora": MethodCase("autolora", _autolora, "autolr_", lambda: [AutoLoraSearch(lm_batches())]),
 }

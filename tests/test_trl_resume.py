@@ -31,11 +31,12 @@ def _trainer(method, out_dir, max_steps, callbacks=()):
                      save_strategy="steps", save_steps=2, logging_strategy="no", report_to=[], use_cpu=True, seed=0,
                      max_length=16, dataloader_num_workers=0, gradient_checkpointing=False)
     return SFTTrainer(model=case.build(), args=args, train_dataset=text_dataset(24), processing_class=make_tokenizer(),
-                      peft_config=config, callbacks=list(callbacks))
+                      peft_config=config, callbacks=list(callbacks) + METHODS[method].trainer_callbacks())
 
 
 def _adapter_state(model, prefix):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if prefix in n}
+    """Every adapter tensor: parameters and persistent buffers (gates, masks, statistics, β moments)."""
+    return {n: t.detach().clone() for n, t in model.state_dict().items() if prefix in n}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -36,20 +36,21 @@ class RLoraModel(LowRankTuner):
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         base_layer_features(base)  # raises a clear error for unsupported layer types
-        self._align_fan_in_fan_out(config, base)
+        align_fan_in_fan_out(config, base)
         new_module = RLoraLinear(target, adapter_name, config, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def _align_fan_in_fan_out(config: RLoraConfig, base: nn.Module) -> None:
-        wants = isinstance(base, Conv1D)
-        if config.fan_in_fan_out != wants:
-            warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target is {type(base).__name__}; "
-                          f"setting fan_in_fan_out to {wants}.")
-            config.fan_in_fan_out = wants
-
     def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
         register_model(model)
         install_batched_projection(model)
+
+
+def align_fan_in_fan_out(config, base: nn.Module) -> None:
+    """Conv1D stores (in, out): set ``fan_in_fan_out`` to match the layer, as PEFT's LoRA does."""
+    wants = isinstance(base, Conv1D)
+    if config.fan_in_fan_out != wants:
+        warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target is {type(base).__name__}; "
+                      f"setting fan_in_fan_out to {wants}.")
+        config.fan_in_fan_out = wants
