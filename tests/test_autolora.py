@@ -1,0 +1,250 @@
+"""AutoLoRA specifics: the bi-level β step in every loop, selection, retrain config and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+import peft_lowrank_ext
+from peft_lowrank_ext import (
+    AutoLoraConfig,
+    AutoLoraSearch,
+    autolora_ranks,
+    autolora_select,
+    retrain_lora_config,
+    run_autolora,
+)
+from peft_lowrank_ext.autolora.layer import AutoLoraLayer
+from methods import lm_batches
+from models import TINY_MODELS
+from trainer_utils import lm_dataset, make_tokenizer, text_dataset
+
+LLAMA = TINY_MODELS["llama"]
+
+
+def make(hypergradient="first_order", base=None, **kw):
+    kw = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_weights": False, "task_type": "CAUSAL_LM",
+          "hypergradient": hypergradient, **kw}
+    return get_peft_model(base or LLAMA.build(), AutoLoraConfig(**kw))
+
+
+def layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AutoLoraLayer)]
+
+
+def betas(model):
+    return {n: m._store("beta")["default"].clone() for n, m in layers(model)}
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(threshold=0.0), "threshold"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(r=0), "r"),
+        (dict(held_out_fraction=0.0), "held_out_fraction"),
+        (dict(held_out_fraction=1.0), "held_out_fraction"),
+        (dict(hypergradient="third_order"), "hypergradient"),
+        (dict(arch_lr=0.0), "arch_lr"),
+        (dict(arch_beta1=1.0), "arch_beta1"),
+        (dict(fd_epsilon=0.0), "fd_epsilon"),
+        (dict(phase="retrain"), "phase"),
+        (dict(lora_dropout=-0.1), "lora_dropout"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AutoLoraConfig(**kwargs)
+
+
+def test_bad_held_out_and_missing_targets():
+    with pytest.raises(ValueError, match="empty"):
+        AutoLoraSearch([])
+    with pytest.raises(ValueError, match="batch_size"):
+        AutoLoraSearch(lm_batches(), batch_size=0)
+    with pytest.raises(ValueError, match="nothing_here"):
+        get_peft_model(LLAMA.build(), AutoLoraConfig(target_modules=["nothing_here"]))
+    with pytest.raises(ValueError, match="no AutoLoRA layers"):
+        AutoLoraSearch(lm_batches()).attach(LLAMA.build())
+
+
+def test_search_without_held_out_data_fails_on_first_step():
+    model = make()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    inputs = LLAMA.inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    with pytest.raises(RuntimeError, match="without held-out data.*AutoLoraSearch"):
+        opt.step()
+
+
+def test_first_order_step_is_adam_on_the_validation_gradient():
+    model = make("first_order", arch_lr=1e-2)
+    val = lm_batches(1)
+    AutoLoraSearch(val).attach(model)
+    # The expected hypergradient: ∇β of the validation loss at the current weights.
+    leaves = {}
+    for name, module in layers(model):
+        leaves[name] = module._store("beta")["default"].clone().requires_grad_(True)
+        module._store("beta")["default"] = leaves[name]
+    model.train()
+    loss = model(**val[0]).loss
+    expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    for name, module in layers(model):
+        module._store("beta")["default"] = leaves[name].detach()
+    before = betas(model)
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    inputs = LLAMA.inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    opt.step()
+    after = betas(model)
+    for name, g in expected.items():
+        # First Adam step with bias correction: Δβ = −lr · g / (|g| + eps).
+        want = before[name] - 1e-2 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after[name], want, atol=1e-6, rtol=1e-4)
+        assert not torch.equal(after[name], before[name])
+    assert not any(n.endswith("beta") for n, p in model.named_parameters()), "β is not the user's optimizer's"
+
+
+def _plain_masked_lowrank(x, a, b, gate, scale, mask=None):
+    """The gated product in plain autograd ops (twice differentiable), for the exact reference."""
+    a = a if mask is None else a * mask
+    return scale * ((x @ a.t()) * gate) @ b.t()
+
+
+def test_second_order_matches_the_exact_unrolled_hypergradient(monkeypatch):
+    """DARTS' finite difference ≈ d/dβ L_val(w − ξ ∇_w L_train(w, β), β), computed here exactly."""
+    import peft_lowrank_ext.gated.layer as gated_layer
+
+    xi = 0.5
+    base = LLAMA.build()
+    base.set_attn_implementation("eager")  # twice-differentiable attention for the exact reference
+    model = make("second_order", base=base, virtual_lr=xi)
+    model.train()
+    val = lm_batches(1)
+    train = {k: v for k, v in lm_batches(1)[0].items()}
+    train["input_ids"] = torch.flip(train["input_ids"], dims=[1])
+    train["labels"] = train["input_ids"].clone()
+
+    named = layers(model)
+    weight_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    weights = [dict(model.named_parameters())[n] for n in weight_names]
+    leaves = [m._store("beta")["default"].clone().requires_grad_(True) for _, m in named]
+    originals = [m._store("beta")["default"] for _, m in named]
+    for (_, m), leaf in zip(named, leaves):
+        m._store("beta")["default"] = leaf
+    monkeypatch.setattr(gated_layer, "masked_lowrank", _plain_masked_lowrank)
+    # Exact: L_val at w' = w − ξ ∇_w L_train(w, β), with w' depending on β through the train gradient.
+    train_grads = torch.autograd.grad(model(**train).loss, weights, create_graph=True)
+    looked_ahead = {n: w - xi * g for n, w, g in zip(weight_names, weights, train_grads)}
+    val_loss = torch.func.functional_call(model, looked_ahead, args=(), kwargs=val[0]).loss
+    exact = torch.autograd.grad(val_loss, leaves)
+    for (_, m), orig in zip(named, originals):
+        m._store("beta")["default"] = orig
+    monkeypatch.undo()
+
+    import peft_lowrank_ext.autolora.search as search_mod
+
+    recorded = {}
+    monkeypatch.setattr(search_mod, "_adam_update",
+                        lambda layer, adapter, grad, config: recorded.__setitem__(id(layer), grad.clone()))
+    AutoLoraSearch(val).attach(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=xi)
+    for p in model.parameters():
+        p.grad = None
+    model(**train).loss.backward()
+    opt.step()
+    got = torch.cat([recorded[id(m)] for _, m in named])
+    want = torch.cat(exact)
+    assert want.abs().max() > 1e-4
+    # Finite differences with ε = 0.01/‖v‖ approximate the Hessian-vector product to O(ε²).
+    torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=2e-2)
+
+
+@pytest.mark.parametrize("loop", ["plain", "trainer", "sft"])
+def test_beta_learns_in_every_loop(loop, tmp_path):
+    if loop == "plain":
+        model = make("second_order")
+        before = betas(model)
+        AutoLoraSearch(lm_batches()).attach(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        model.train()
+        for step in range(2):
+            batch = lm_batches(1, seq=6)[0]
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    else:
+        args = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                    use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0)
+        config = AutoLoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        if loop == "trainer":
+            model = get_peft_model(LLAMA.build(), config)
+            before = betas(model)
+            Trainer(model=model, args=TrainingArguments(**args), train_dataset=lm_dataset(),
+                    callbacks=[AutoLoraSearch(lm_batches())]).train()
+        else:
+            trainer = SFTTrainer(model=LLAMA.build(), args=SFTConfig(**args, max_length=16),
+                                 train_dataset=text_dataset(), processing_class=make_tokenizer(), peft_config=config,
+                                 callbacks=[AutoLoraSearch(lm_batches())])
+            model = trainer.model
+            before = betas(model)
+            trainer.train()
+    after = betas(model)
+    assert all(not torch.equal(before[n], after[n]) for n in before), "β must move during the search"
+
+
+def test_selection_ranks_export_and_retrain_config(tmp_path):
+    model = make()
+    targets = {n: m for n, m in layers(model)}
+    wanted = {}
+    for i, (name, module) in enumerate(targets.items()):
+        beta = torch.full((4,), -5.0)
+        beta[: i % 4 + 1] = 1.0  # i%4+1 components share the mass, the rest ~0
+        module._store("beta")["default"].copy_(beta)
+        wanted[name.removeprefix("base_model.model.")] = i % 4 + 1
+    assert autolora_ranks(model) == wanted
+    inputs = LLAMA.inputs()
+    ranks = autolora_select(model)
+    assert ranks == wanted and model.peft_config["default"].phase == "selected"
+    selected_out = model(**inputs).logits.detach()
+
+    # Export of the selected adapter is exact and has the selected per-module ranks.
+    lora_cfg = peft_lowrank_ext.export_lora(model, tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(LLAMA.build(), tmp_path / "lora")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, selected_out, atol=1e-5, rtol=1e-5)
+    shapes = {n: m.lora_A["default"].weight.shape[0] for n, m in reloaded.named_modules() if hasattr(m, "lora_A")
+              and "default" in m.lora_A}
+    assert {n.removeprefix("base_model.model."): r for n, r in shapes.items()} == wanted
+    assert isinstance(lora_cfg, LoraConfig)
+
+    retrain = retrain_lora_config(model)
+    fresh = get_peft_model(LLAMA.build(), retrain)
+    got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in fresh.named_modules()
+           if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert got == wanted
+    assert all(abs(m.scaling["default"] - retrain.lora_alpha / m.r["default"]) < 1e-12
+               for m in fresh.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and m.scaling)
+
+
+def test_every_module_keeps_at_least_one_component():
+    model = make()
+    ranks = autolora_select(model, threshold=1.0)  # uniform α = 1/4 < 1 everywhere
+    assert set(ranks.values()) == {1}
+
+
+def test_run_autolora_one_call(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_strategy="no", seed=0,
+                             dataloader_num_workers=0)
+    config = AutoLoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                            hypergradient="first_order", held_out_fraction=0.25)
+    lora_model, ranks = run_autolora(LLAMA.build, config, lm_dataset(16), args)
+    assert len(ranks) == 4 and all(1 <= r <= 4 for r in ranks.values())
+    got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in lora_model.named_modules()
+           if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert got == ranks
