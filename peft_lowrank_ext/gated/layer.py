@@ -12,16 +12,14 @@ attribute names derive from it) and, if needed, overrides :meth:`soft_gate`.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.other import transpose
 
+from ..base_layer import AdditiveAdapterLayer
 from ..kernels.masked_lowrank import masked_lowrank
 from ..rlora.layer import base_layer_features
 
@@ -31,7 +29,7 @@ BUFFER_KINDS = ("rank_mask", "element_mask", "module_on")
 PLAIN_KINDS = ("r", "scaling", "dropout", "config")
 
 
-class GatedLoraLayer(BaseTunerLayer):
+class GatedLoraLayer(AdditiveAdapterLayer):
     """LoRA with per-rank gates, an optional element mask on A and a module switch."""
 
     prefix: str = "gated_"
@@ -130,16 +128,8 @@ class GatedLoraLayer(BaseTunerLayer):
             lora_b = self._store("B")[adapter_name].float() * gate
         return lora_a[kept].clone(), lora_b[:, kept].clone(), self._store("scaling")[adapter_name]
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        factors = self.export_factors(adapter_name)
-        weight = self.get_base_layer().weight
-        if factors is None:
-            return torch.zeros_like(weight)
-        lora_a, lora_b, scaling = factors
-        return (transpose(lora_b @ lora_a, self.fan_in_fan_out) * scaling).to(weight.dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self._store("A")
 
     def _adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self._store("A")[adapter_name]
@@ -159,31 +149,6 @@ class GatedLinear(nn.Module, GatedLoraLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, r, lora_alpha, **kwargs)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self._store("A"):
-                continue
-            delta = self.get_delta_weight(adapter)
-            if safe_merge:
-                merged = base_layer.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self._store("A"):
-                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.other import transpose
+
+from ..base_layer import AdditiveAdapterLayer
 
 from .config import RLoraConfig
 from .projection import FastfoodProjection
@@ -33,7 +32,7 @@ def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
-class RLoraLayer(BaseTunerLayer):
+class RLoraLayer(AdditiveAdapterLayer):
     """Holds, per adapter, the trainable ``z`` and the regenerated projection that maps it to (A, B)."""
 
     adapter_layer_names = ("rlr_z", "rlr_scale", "rlr_log_sigma")
@@ -161,14 +160,8 @@ class RLoraLayer(BaseTunerLayer):
             self.train(was_training)
         return lora_a, lora_b, self.rlr_scaling[adapter_name]
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW in the base weight's layout (transposed for Conv1D) and dtype."""
-        lora_a, lora_b, scaling = self.export_factors(adapter_name)
-        delta = transpose(lora_b @ lora_a, self.fan_in_fan_out) * scaling
-        return delta.to(self.get_base_layer().weight.dtype)
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.rlr_z
 
 
 class RLoraLinear(nn.Module, RLoraLayer):
@@ -180,33 +173,6 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self.fan_in_fan_out = config.fan_in_fan_out
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        base_layer = self.get_base_layer()
-        for adapter in adapter_names:
-            if adapter not in self.rlr_z:
-                continue
-            delta = self.get_delta_weight(adapter)
-            if safe_merge:
-                merged = base_layer.weight.data + delta
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-                base_layer.weight.data = merged
-            else:
-                base_layer.weight.data += delta
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.rlr_z:
-                self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
