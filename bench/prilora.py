@@ -1,0 +1,275 @@
+"""PRILoRA benchmark: step time and memory against PEFT LoRA of the same total rank, and accuracy.
+
+Runs on CPU in a few minutes with the packaged all-MiniLM-L6-v2 (6 blocks, hidden 384) on
+``query``/``value``:
+
+1. **Step time** (forward + backward + AdamW step, which includes PRILoRA's post-step callback):
+   PRILoRA 4 → 12 (ranks 4, 6, 7, 9, 10, 12 per target; total 96 over query and value) against
+   LoRA r = 8 (total 96), with pruning every step (the worst case) and every 10 steps. The models
+   alternate in short rounds so that load from other processes hits them alike; the ratios of
+   median and of fastest steps are reported (goal ≤ 1.1×). PRILoRA's own work (statistics and the
+   post-step callback) is also timed alone, which a busy machine disturbs far less.
+2. **Memory**: bytes of PRILoRA's statistics (EMA buffer, step counter, the transient per-step sum)
+   and of the element masks, against the adapter weights.
+3. **Accuracy** on the bundled review-sentiment data (``peft_lowrank_ext/data``) with the shared
+   training loop (``peft_lowrank_ext.training.train_classifier``): LoRA r = 8, PRILoRA 4 → 12
+   (equal average rank) with pruning, and PRILoRA 4 → 12 without pruning (ranks only).
+
+    python bench/prilora.py [--epochs 3] [--seeds 0] [--out bench/prilora.json]
+
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# Running ``python bench/prilora.py`` puts bench/ first on sys.path, where bench/kernels.py would shadow
+# the ``kernels`` package that transformers probes for on import; drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import peft_lowrank_ext  # noqa: E402,F401 - registers PRILoRA
+from peft_lowrank_ext import PriLoraConfig, prilora_ranks  # noqa: E402
+from peft_lowrank_ext.prilora import PriLoraLayer  # noqa: E402
+
+TARGETS = ["query", "value"]
+ALPHA = 16.0
+
+
+def _model():
+    from peft_lowrank_ext.training import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(None, num_labels=2)
+    return model, tokenizer
+
+
+def _lora(seed: int):
+    torch.manual_seed(seed)
+    return LoraConfig(r=8, lora_alpha=ALPHA, target_modules=TARGETS, task_type="SEQ_CLS")
+
+
+def _prilora(seed: int, total_steps: int, prune: bool = True, prune_every: int | None = None):
+    torch.manual_seed(seed)
+    every = prune_every or max(1, total_steps // 30)
+    return PriLoraConfig(r_first=4, r_last=12, lora_alpha=ALPHA, target_modules=TARGETS, task_type="SEQ_CLS",
+                         prune_every=every, prune_start=total_steps // 10, prune_end=max(total_steps // 10 + 1,
+                                                                                          int(0.7 * total_steps)),
+                         final_sparsity=0.5 if prune else 0.0)
+
+
+# ----- 1. step time ---------------------------------------------------------------------------------
+def time_steps(rounds: int, steps_per_round: int, batch: int, seq: int) -> dict:
+    base, _ = _model()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, seq), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,))}
+    contenders = {
+        "lora_r8": _lora(0),
+        "prilora_4to12_prune_every_10": _prilora(0, 10_000, prune_every=10),
+        "prilora_4to12_prune_every_step": _prilora(0, 10_000, prune_every=1),
+    }
+    for config in contenders.values():  # pruning active during the whole timing
+        if isinstance(config, PriLoraConfig):
+            config.prune_start, config.prune_end = 0, 10_000
+    import copy
+
+    models, optims, times = {}, {}, {}
+    for name, config in contenders.items():
+        model = get_peft_model(copy.deepcopy(base), config)
+        model.train()
+        models[name] = model
+        optims[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        times[name] = []
+
+    def step(name):
+        t0 = time.perf_counter()
+        models[name](**inputs).loss.backward()
+        optims[name].step()
+        optims[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for name in models:  # warm-up
+        for _ in range(2):
+            step(name)
+    for _ in range(rounds):
+        for name in models:
+            times[name].extend(step(name) for _ in range(steps_per_round))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    minima = {name: min(t) for name, t in times.items()}  # the least disturbed step: steadier under load
+    ref = medians["lora_r8"]
+    trainable = {name: sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "classifier" not in n)
+                 for name, m in models.items()}
+    ranks = prilora_ranks(models["prilora_4to12_prune_every_10"])
+    overhead = own_overhead(models["prilora_4to12_prune_every_step"], batch, seq)
+    return {
+        "own_overhead_ms": overhead,
+        "own_overhead_fraction_of_lora_step": {k: v / 1000 / ref for k, v in overhead.items()},
+        "batch": batch, "seq": seq, "steps_timed": rounds * steps_per_round,
+        "median_step_s": medians, "ratio_to_lora": {k: v / ref for k, v in medians.items()},
+        "min_step_s": minima, "min_ratio_to_lora": {k: v / minima["lora_r8"] for k, v in minima.items()},
+        "adapter_params": trainable, "prilora_ranks": ranks, "prilora_total_rank": sum(ranks.values()),
+        "lora_total_rank": 8 * len(ranks),
+        "memory": memory(models["prilora_4to12_prune_every_10"]),
+    }
+
+
+def own_overhead(model, batch: int, seq: int, repeats: int = 20) -> dict:
+    """PRILoRA's own work per optimizer step, timed alone (less sensitive to machine load than whole steps)."""
+    from peft_lowrank_ext.prilora import prilora_post_step
+
+    root = model.base_model.model
+    layers = [m for m in root.modules() if isinstance(m, PriLoraLayer)]
+    xs = [torch.randn(batch, seq, m.in_features) for m in layers]
+    model.train()
+
+    def observe():
+        t0 = time.perf_counter()
+        for layer, x in zip(layers, xs):
+            layer.observe_input(x)
+        return time.perf_counter() - t0
+
+    def post(prune: bool):
+        for layer in layers:
+            layer._store("config")["default"].prune_every = 1 if prune else 10**9
+        observe()
+        t0 = time.perf_counter()
+        prilora_post_step(root)
+        return time.perf_counter() - t0
+
+    obs = statistics.median(observe() for _ in range(repeats))
+    for layer in layers:
+        layer.pending_statistics().clear()
+    with_prune = statistics.median(post(True) for _ in range(repeats))
+    without = statistics.median(post(False) for _ in range(repeats))
+    return {"statistics_per_forward": 1000 * obs, "post_step_with_pruning": 1000 * with_prune,
+            "post_step_without_pruning": 1000 * without}
+
+
+# ----- 2. memory ----------------------------------------------------------------------------------
+def memory(model) -> dict:
+    stats = masks = weights = pending = 0
+    for module in model.modules():
+        if isinstance(module, PriLoraLayer):
+            for adapter in module._store("A"):
+                for kind in ("in_sq_ema", "step"):
+                    t = module._store(kind)[adapter]
+                    stats += t.numel() * t.element_size()
+                pending += module.in_features * 4  # transient fp32 Σx² between forward and optimizer step
+                m = module._store("element_mask")[adapter]
+                masks += m.numel() * m.element_size()
+                for kind in ("A", "B"):
+                    t = module._store(kind)[adapter]
+                    weights += t.numel() * t.element_size()
+    return {"statistics_bytes": stats, "pending_statistics_bytes": pending, "mask_bytes": masks,
+            "adapter_weight_bytes": weights}
+
+
+# ----- 3. accuracy --------------------------------------------------------------------------------
+def accuracy(epochs: float, seeds: list[int], lr: float) -> list[dict]:
+    from peft_lowrank_ext.datasets_io import load_text_classification
+    from peft_lowrank_ext.training import TrainingConfig, train_classifier
+
+    data = load_text_classification()
+    rows = []
+    for seed in seeds:
+        config = TrainingConfig(epochs=epochs, lr=lr, seed=seed, progress=False)
+        total_steps = int(epochs * -(-len(data.train) // config.batch_size))
+        runs = {
+            "lora_r8": _lora(seed),
+            "prilora_4to12_pruned": _prilora(seed, total_steps, prune=True),
+            "prilora_4to12_unpruned": _prilora(seed, total_steps, prune=False),
+        }
+        for name, peft_config in runs.items():
+            with tempfile.TemporaryDirectory() as out:
+                result = train_classifier(peft_config, data, config, method=name, output_dir=out)
+                saved = load_file(Path(out) / "adapter_model.safetensors")
+            masks = [t for k, t in saved.items() if "element_mask" in k]
+            row = {"method": name, "seed": seed, "accuracy": result.accuracy, "eval_loss": result.eval_loss,
+                   "steps": result.steps, "median_step_s": result.median_step_s,
+                   "trainable_params": result.trainable_params, "adapter_bytes": result.adapter_bytes}
+            if isinstance(peft_config, PriLoraConfig):
+                row["final_mask_sparsity"] = float(sum((m == 0).sum() for m in masks) / sum(m.numel() for m in masks))
+                row["schedule"] = {k: getattr(peft_config, k) for k in ("prune_start", "prune_end", "prune_every",
+                                                                        "final_sparsity")}
+            rows.append(row)
+            print(f"  {name} seed {seed}: accuracy {result.accuracy:.4f} ({result.train_time_s:.0f} s)",
+                  file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=32, help="the bundled reviews are at most 25 tokens long")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is steadier on a small shared machine (2 threads oversubscribe it)")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+
+    print("timing steps ...", file=sys.stderr)
+    timing = time_steps(args.rounds, args.steps_per_round, args.batch, args.seq)
+    acc = [] if args.skip_accuracy else accuracy(args.epochs, args.seeds, args.lr)
+    result = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "timing": timing, "accuracy": acc, "args": vars(args),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+    print(f"\n### PRILoRA vs LoRA (MiniLM-L6, query/value, batch {args.batch} × seq {args.seq}, "
+          f"{torch.get_num_threads()} threads, {result['machine']['device']})\n")
+    print("| run | median step (s) | × LoRA (median) | fastest step (s) | × LoRA (fastest) | adapter params |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in timing["median_step_s"].items():
+        print(f"| {name} | {t:.4f} | {timing['ratio_to_lora'][name]:.3f} | {timing['min_step_s'][name]:.4f} | "
+              f"{timing['min_ratio_to_lora'][name]:.3f} | {timing['adapter_params'][name]:,} |")
+    oh = timing["own_overhead_ms"]
+    frac = timing["own_overhead_fraction_of_lora_step"]
+    print(f"\nPRILoRA's own work, timed alone: statistics {oh['statistics_per_forward']:.2f} ms per forward "
+          f"({100 * frac['statistics_per_forward']:.2f}% of a LoRA step); post-step callback "
+          f"{oh['post_step_without_pruning']:.2f} ms without / {oh['post_step_with_pruning']:.2f} ms with a pruning "
+          f"event ({100 * frac['post_step_with_pruning']:.2f}%).")
+    mem = timing["memory"]
+    print(f"\nTotal rank: PRILoRA {timing['prilora_total_rank']} (ranks per block "
+          f"{sorted(set(timing['prilora_ranks'].values()))}), LoRA {timing['lora_total_rank']}.")
+    print(f"Memory: statistics {mem['statistics_bytes']:,} B persistent + {mem['pending_statistics_bytes']:,} B "
+          f"transient; masks {mem['mask_bytes']:,} B; adapter weights {mem['adapter_weight_bytes']:,} B.")
+    if acc:
+        print("\n| method | seed | accuracy | eval loss | steps | A sparsity at end |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for row in acc:
+            sparsity = f"{row['final_mask_sparsity']:.3f}" if "final_mask_sparsity" in row else "–"
+            print(f"| {row['method']} | {row['seed']} | {row['accuracy']:.4f} | {row['eval_loss']:.4f} | "
+                  f"{row['steps']} | {sparsity} |")
+    print(f"\nJSON: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
