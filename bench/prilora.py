@@ -33,10 +33,6 @@ import time
 import warnings
 from pathlib import Path
 
-# Running ``python bench/prilora.py`` puts bench/ first on sys.path, where bench/kernels.py would shadow
-# the ``kernels`` package that transformers probes for on import; drop that entry.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,7 +3,8 @@
 RLoRA's Fastfood projection calls :func:`fwht` and nothing else for the transform, so a faster
 implementation (the Triton kernel on CUDA) can replace the pure-PyTorch one behind this single
 entry point. The op is registered with ``torch.library.custom_op`` so that ``opcheck`` and
-``torch.compile(fullgraph=True)`` see one opaque, differentiable operation.
+``torch.compile(fullgraph=True)`` see one opaque, differentiable operation. On CUDA it launches
+the Triton kernels of ``_triton_hadamard`` (imported lazily: the package never needs Triton).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from ._dispatch import use_triton
 
 # Largest dense Hadamard block used by the CPU path: the transform of length 2^k is done as a few
 # small matrix products (Sylvester/Kronecker form) instead of k full passes over memory.
@@ -71,6 +74,15 @@ def fwht_reference(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("peft_lowrank_ext::fwht", mutates_args=())
 def _fwht_op(x: torch.Tensor) -> torch.Tensor:
     return fwht_reference(x)
+
+
+@_fwht_op.register_kernel("cuda")
+def _(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] < 16 or not use_triton(x):
+        return fwht_reference(x)
+    from ._triton_hadamard import fwht_triton
+
+    return fwht_triton(x.contiguous())
 
 
 @_fwht_op.register_fake

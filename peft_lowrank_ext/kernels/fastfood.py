@@ -1,0 +1,173 @@
+"""Fastfood projection ``θ = P z`` used by RLoRA, as a differentiable custom op.
+
+``P z = (1 / (‖g‖ √out_dim)) · [H · diag(g) · Π · H · diag(b) · pad_L(z)][:out_dim]``
+(Le, Sarlós, Smola 2013; used for intrinsic-dimension training by Aghajanyan et al. 2021), with
+``H`` the unnormalised Walsh–Hadamard transform of size ``L``, ``b`` ±1 signs, ``(Π v)_i =
+v[perm[i]]`` and ``g`` Gaussian. ``P`` is never stored; its transpose is the same chain reversed,
+so the backward pass costs two more transforms. Rows are modules: every module with the same
+``L`` goes through one launch. On CUDA the chain runs as four fused Triton passes
+(``_triton_fastfood``); elsewhere it is PyTorch around :func:`fwht`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import use_triton
+from .hadamard import fwht, is_power_of_two
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _row_scale(gauss: torch.Tensor, out_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The normalisation ``1 / (‖g_m‖ √out_dim)`` per module."""
+    return torch.linalg.vector_norm(gauss, dim=-1, dtype=dtype).mul_(math.sqrt(out_dim)).reciprocal_()
+
+
+def fastfood_reference(z: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor,
+                       gauss: torch.Tensor, out_dim: int) -> torch.Tensor:
+    """Pure-PyTorch forward (the CPU path and the reference for the Triton kernels)."""
+    dtype = _compute_dtype(z)
+    length = signs.shape[-1]
+    u = fwht(F.pad(z.to(dtype), (0, length - z.shape[-1])) * signs.to(dtype))
+    v = fwht(torch.gather(u, 1, perm) * gauss.to(dtype))[:, :out_dim]
+    return v * _row_scale(gauss, out_dim, dtype)[:, None]
+
+
+def fastfood_backward_reference(grad: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor,
+                                gauss: torch.Tensor, d: int) -> torch.Tensor:
+    """Pure-PyTorch ``Pᵀ grad``: pad, H, × g, inverse permutation (scatter), H, × b, truncate."""
+    dtype = _compute_dtype(grad)
+    length = signs.shape[-1]
+    t = F.pad(grad.to(dtype) * _row_scale(gauss, grad.shape[-1], dtype)[:, None], (0, length - grad.shape[-1]))
+    u = fwht(t) * gauss.to(dtype)
+    s = torch.empty_like(u).scatter_(1, perm, u)
+    return fwht(s)[:, :d] * signs[:, :d].to(dtype)
+
+
+@torch.library.custom_op("peft_lowrank_ext::fastfood_project", mutates_args=())
+def _fastfood_op(z: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor, gauss: torch.Tensor,
+                 out_dim: int) -> torch.Tensor:
+    return fastfood_reference(z, signs, perm, gauss, out_dim)
+
+
+@_fastfood_op.register_kernel("cuda")
+def _(z, signs, perm, gauss, out_dim):
+    if not use_triton(z, signs, gauss) or signs.shape[-1] < 16:
+        return fastfood_reference(z, signs, perm, gauss, out_dim)
+    from ._triton_fastfood import fastfood_forward_triton
+
+    z, signs, perm, gauss = (t.contiguous() for t in (z, signs, perm, gauss))
+    return fastfood_forward_triton(z, signs, perm, gauss, _row_scale(gauss, out_dim, torch.float32), out_dim)
+
+
+@_fastfood_op.register_fake
+def _(z, signs, perm, gauss, out_dim):
+    return z.new_empty((z.shape[0], out_dim), dtype=_compute_dtype(z))
+
+
+@torch.library.custom_op("peft_lowrank_ext::fastfood_project_backward", mutates_args=())
+def _fastfood_backward_op(grad: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor,
+                          gauss: torch.Tensor, d: int) -> torch.Tensor:
+    return fastfood_backward_reference(grad, signs, perm, gauss, d)
+
+
+@_fastfood_backward_op.register_kernel("cuda")
+def _(grad, signs, perm, gauss, d):
+    if not use_triton(grad, signs, gauss) or signs.shape[-1] < 16:
+        return fastfood_backward_reference(grad, signs, perm, gauss, d)
+    from ._triton_fastfood import fastfood_backward_triton
+
+    grad, signs, perm, gauss = (t.contiguous() for t in (grad, signs, perm, gauss))
+    return fastfood_backward_triton(grad, signs, perm, gauss, _row_scale(gauss, grad.shape[-1], torch.float32), d)
+
+
+@_fastfood_backward_op.register_fake
+def _(grad, signs, perm, gauss, d):
+    return grad.new_empty((grad.shape[0], d), dtype=_compute_dtype(grad))
+
+
+def _setup_context(ctx, inputs, output):
+    z, signs, perm, gauss, _ = inputs
+    ctx.save_for_backward(signs, perm, gauss)
+    ctx.d, ctx.z_dtype = z.shape[1], z.dtype
+
+
+def _backward(ctx, grad):
+    signs, perm, gauss = ctx.saved_tensors
+    grad_z = _fastfood_backward_op(grad.contiguous(), signs, perm, gauss, ctx.d)
+    return grad_z.to(ctx.z_dtype), None, None, None, None
+
+
+_fastfood_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(z, signs, perm, gauss, out_dim):
+    if z.dim() != 2 or signs.dim() != 2:
+        raise ValueError("fastfood_project: z must be (M, d) and signs, perm, gauss (M, L)")
+    (rows, d), length = z.shape, signs.shape[-1]
+    if not (signs.shape == perm.shape == gauss.shape == (rows, length)):
+        raise ValueError(f"fastfood_project: signs, perm and gauss must all be ({rows}, L)")
+    if not is_power_of_two(length) or length < max(d, out_dim):
+        raise ValueError(f"fastfood_project: L={length} must be a power of two >= max(d={d}, out_dim={out_dim})")
+    if perm.dtype != torch.int64:
+        raise ValueError("fastfood_project: perm must be int64")
+
+
+def fastfood_project(z: torch.Tensor, signs: torch.Tensor, perm: torch.Tensor, gauss: torch.Tensor,
+                     out_dim: int) -> torch.Tensor:
+    """Batched Fastfood projection of z (M, d) to (M, out_dim), fp32 (fp64 for fp64 z).
+
+    ``signs`` (±1), ``perm`` (int64, each row a permutation of ``range(L)``) and ``gauss`` are
+    (M, L) with ``L`` a power of two ``>= max(d, out_dim)``. Differentiable in ``z`` only.
+    """
+    _check(z, signs, perm, gauss, out_dim)
+    return _fastfood_op(z.contiguous(), signs.contiguous(), perm.contiguous(), gauss.contiguous(), int(out_dim))
+
+
+class FastfoodInput(NamedTuple):
+    """One module's projection: ``z`` (d,), factors (L,), output length ``out_dim``."""
+
+    z: torch.Tensor
+    signs: torch.Tensor
+    perm: torch.Tensor
+    gauss: torch.Tensor
+    out_dim: int
+
+
+def fastfood_project_grouped(inputs: Sequence[FastfoodInput]) -> list[torch.Tensor]:
+    """Project many modules with one launch chain per distinct ``L`` (and device).
+
+    Inside a group ``z`` is zero-padded to the longest ``d`` (which leaves ``pad_L(z)``
+    unchanged) and the projection is computed to the longest ``out_dim``; each module's slice is
+    then rescaled from ``1/√max_out`` to its own ``1/√out_dim``. Returns one (out_dim,) tensor per
+    input, in order. Callers that project the same modules every step can stack the factors once
+    and call :func:`fastfood_project` directly to skip the per-call stacking.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, item in enumerate(inputs):
+        groups[(item.signs.shape[-1], item.z.device)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    for members in groups.values():
+        items = [inputs[i] for i in members]
+        d_max = max(item.z.shape[-1] for item in items)
+        out_max = max(item.out_dim for item in items)
+        theta = fastfood_project(
+            torch.stack([F.pad(item.z, (0, d_max - item.z.shape[-1])) for item in items]),
+            torch.stack([item.signs for item in items]),
+            torch.stack([item.perm for item in items]),
+            torch.stack([item.gauss for item in items]),
+            out_max,
+        )
+        for row, (i, item) in enumerate(zip(members, items)):
+            vec = theta[row, : item.out_dim]
+            out[i] = vec if item.out_dim == out_max else vec * math.sqrt(out_max / item.out_dim)
+    return out

@@ -1,0 +1,139 @@
+"""Masked / gated low-rank product ``y = s · ((x (A ⊙ mask)ᵀ) ⊙ g) Bᵀ`` as a custom op.
+
+This is the one layer under HeteroLoRA (0/1 module switch), AutoLoRA (softmax rank weights) and
+PRILoRA (element mask on ``A``): shapes stay fixed and the gate/mask decide what contributes. On
+CUDA a fused Triton kernel reads ``x`` once, keeps the r-wide intermediate in registers and skips
+ranks whose gate is exactly zero; elsewhere (and as the reference) it is plain PyTorch in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import use_triton
+
+MAX_TRITON_RANK = 64  # wider ranks run the PyTorch path (see _triton_masked_lowrank.MAX_RANK)
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _effective_a(a: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    a = a.to(dtype)
+    return a if mask is None else a * mask.to(dtype)
+
+
+def masked_lowrank_reference(x, a, b, gate, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch forward: ``(y, h)`` with ``h = x (A ⊙ mask)ᵀ`` kept for the backward pass."""
+    dtype = _compute_dtype(x, a, b, gate)
+    h = x.to(dtype) @ _effective_a(a, mask, dtype).T
+    y = (h * (gate.to(dtype) * scale)) @ b.to(dtype).T
+    return y.to(x.dtype), h
+
+
+def masked_lowrank_backward_reference(grad_y, x, a, b, gate, mask, h, scale: float, gate_grad: bool):
+    """Pure-PyTorch gradients ``(dx, dA, dB, dg)``; ``dg`` is zero unless ``gate_grad``."""
+    dtype = _compute_dtype(x, a, b, gate)
+    dy = grad_y.to(dtype)
+    gs = gate.to(dtype) * scale
+    dhg = dy @ b.to(dtype)
+    dh = dhg * gs
+    dx = dh @ _effective_a(a, mask, dtype)
+    da = dh.T @ x.to(dtype)
+    if mask is not None:
+        da = da * mask.to(dtype)
+    db = dy.T @ (h.to(dtype) * gs)
+    dg = (h.to(dtype) * dhg).sum(0) * scale if gate_grad else torch.zeros_like(gs)
+    return dx.to(x.dtype), da.to(a.dtype), db.to(b.dtype), dg.to(gate.dtype)
+
+
+def _triton_ok(x, a, b, gate) -> bool:
+    return b.shape[1] <= MAX_TRITON_RANK and use_triton(x, a, b, gate)
+
+
+def _contiguous(*tensors):
+    return [t if t is None else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("peft_lowrank_ext::masked_lowrank", mutates_args=())
+def _masked_lowrank_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float,
+                       skip_zero_gates: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # skip_zero_gates only lets the Triton path skip work (then h of zero-gate ranks is left 0).
+    return masked_lowrank_reference(x, a, b, gate, mask, scale)
+
+
+@_masked_lowrank_op.register_kernel("cuda")
+def _(x, a, b, gate, mask, scale, skip_zero_gates):
+    if not _triton_ok(x, a, b, gate):
+        return masked_lowrank_reference(x, a, b, gate, mask, scale)
+    from ._triton_masked_lowrank import masked_lowrank_fwd_triton
+
+    return masked_lowrank_fwd_triton(*_contiguous(x, a, b, gate, mask), scale, skip_zero_gates)
+
+
+@_masked_lowrank_op.register_fake
+def _(x, a, b, gate, mask, scale, skip_zero_gates):
+    dtype = _compute_dtype(x, a, b, gate)
+    return x.new_empty((x.shape[0], b.shape[0])), x.new_empty((x.shape[0], b.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("peft_lowrank_ext::masked_lowrank_backward", mutates_args=())
+def _masked_lowrank_backward_op(grad_y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                                gate: torch.Tensor, mask: torch.Tensor | None, h: torch.Tensor, scale: float,
+                                gate_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return masked_lowrank_backward_reference(grad_y, x, a, b, gate, mask, h, scale, gate_grad)
+
+
+@_masked_lowrank_backward_op.register_kernel("cuda")
+def _(grad_y, x, a, b, gate, mask, h, scale, gate_grad):
+    if not _triton_ok(x, a, b, gate) or h.dtype != torch.float32:
+        return masked_lowrank_backward_reference(grad_y, x, a, b, gate, mask, h, scale, gate_grad)
+    from ._triton_masked_lowrank import masked_lowrank_bwd_triton
+
+    grad_y, x, a, b, gate, mask, h = _contiguous(grad_y, x, a, b, gate, mask, h)
+    return masked_lowrank_bwd_triton(grad_y, x, a, b, gate, mask, h, scale, gate_grad)
+
+
+@_masked_lowrank_backward_op.register_fake
+def _(grad_y, x, a, b, gate, mask, h, scale, gate_grad):
+    return torch.empty_like(x), torch.empty_like(a), torch.empty_like(b), torch.empty_like(gate)
+
+
+def _setup_context(ctx, inputs, output):
+    x, a, b, gate, mask, scale, skip_zero_gates = inputs
+    h = output[1]
+    ctx.mark_non_differentiable(h)  # an internal by-product, saved so x is not read again
+    ctx.save_for_backward(x, a, b, gate, mask, h)
+    ctx.scale, ctx.gate_grad = scale, not skip_zero_gates
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, a, b, gate, mask, h = ctx.saved_tensors
+    dx, da, db, dg = _masked_lowrank_backward_op(grad_y.contiguous(), x, a, b, gate, mask, h, ctx.scale,
+                                                 ctx.gate_grad)
+    return dx, da, db, dg if ctx.gate_grad else None, None, None, None
+
+
+_masked_lowrank_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``scale · ((x (A ⊙ mask)ᵀ) ⊙ gate) Bᵀ`` over the last dimension of ``x``.
+
+    ``x`` (..., d_in), ``A`` (r, d_in), ``B`` (d_out, r), ``gate`` (r,), optional 0/1 ``mask``
+    shaped like ``A`` (no gradient). Returns (..., d_out) in x's dtype, computed with fp32
+    accumulation. Ranks with a zero gate are skipped on CUDA whenever the gate needs no gradient.
+    """
+    r, d_in = A.shape
+    if x.shape[-1] != d_in or B.shape[1] != r or gate.shape != (r,):
+        raise ValueError(f"masked_lowrank: shapes x{tuple(x.shape)} A{tuple(A.shape)} B{tuple(B.shape)} "
+                         f"gate{tuple(gate.shape)} do not fit y = s·((x Aᵀ) ⊙ g) Bᵀ")
+    if mask is not None and mask.shape != A.shape:
+        raise ValueError(f"masked_lowrank: mask{tuple(mask.shape)} must have A's shape {tuple(A.shape)}")
+    skip = not (torch.is_grad_enabled() and gate.requires_grad)
+    y, _ = _masked_lowrank_op(x.reshape(-1, d_in).contiguous(), A.contiguous(), B.contiguous(),
+                              gate.contiguous(), None if mask is None else mask.contiguous(), float(scale), skip)
+    return y.reshape(*x.shape[:-1], B.shape[0])

@@ -1,0 +1,63 @@
+"""Triton FWHT kernel under the interpreter (run by test_interpreter.py with TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _kernel_checks import DTYPES, assert_close
+
+from peft_lowrank_ext.kernels import _triton_hadamard as th
+from peft_lowrank_ext.kernels.hadamard import fwht_reference, hadamard_matrix
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_interpreter.py"
+
+# (rows, log2 n): odd row counts leave partial tiles; 14..18 take the two-pass path (half dtypes
+# only at 2^14: longer transforms cost interpreter time).
+SHAPES = [(1, 4), (3, 4), (33, 5), (7, 6), (2, 7), (17, 8), (3, 9), (1, 10), (5, 11), (2, 12), (3, 13), (1, 14)]
+CASES = [(dt, rows, k) for dt in DTYPES for rows, k in SHAPES] + [(torch.float32, 2, 16), (torch.float32, 1, 18)]
+
+
+def _dense_reference(x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ hadamard_matrix(x.shape[-1], torch.float64)
+
+
+@pytest.mark.parametrize("dtype,rows,log2_n", CASES, ids=str)
+def test_fwht_matches_float64(dtype, rows, log2_n):
+    torch.manual_seed(rows * 100 + log2_n)
+    x = torch.randn(rows, 1 << log2_n).to(dtype)
+    ref = _dense_reference(x) if log2_n <= 12 else fwht_reference(x.double())
+    out = th.fwht_triton(x)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, f"fwht {dtype} rows={rows} n=2^{log2_n}")
+
+
+def test_fwht_batched_leading_dims_and_empty():
+    x = torch.randn(2, 3, 64)
+    assert_close(th.fwht_triton(x), fwht_reference(x.double()), torch.float32)
+    assert th.fwht_triton(torch.empty(0, 64)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_three_pass_path(monkeypatch, dtype):
+    """Shrink the per-program limits so a small transform takes one contiguous + two strided passes."""
+    monkeypatch.setattr(th, "MAX_CONTIG_LOG2", 8)
+    monkeypatch.setattr(th, "MAX_STRIDED_LOG2", 4)
+    assert th.plan_chunks(16) == [8, 4, 4]
+    x = torch.randn(1, 1 << 16).to(dtype)
+    assert_close(th.fwht_triton(x), fwht_reference(x.double()), dtype, "three passes")
+
+
+def test_backward_is_the_same_transform():
+    """H is symmetric: the vector-Jacobian product of the kernel is the kernel itself."""
+    x, g = torch.randn(5, 256, dtype=torch.float64), torch.randn(5, 256, dtype=torch.float64)
+    lhs = (th.fwht_triton(x.float()).double() * g).sum()
+    rhs = (x * th.fwht_triton(g.float()).double()).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("KERNELS_SLOW") != "1", reason="about 25 s in the interpreter; KERNELS_SLOW=1")
+def test_length_2_pow_22():
+    x = torch.randn(1, 1 << 22)
+    assert_close(th.fwht_triton(x), fwht_reference(x.double()), torch.float32, "n=2^22")

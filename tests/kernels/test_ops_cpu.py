@@ -1,0 +1,237 @@
+"""The custom ops on CPU: references against dense float64 maths, autograd, opcheck, torch.compile."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _kernel_checks import assert_close, random_fastfood_factors
+
+from peft_lowrank_ext.kernels import (
+    FastfoodInput,
+    fastfood_project,
+    fastfood_project_grouped,
+    fwht,
+    hadamard_matrix,
+    masked_lowrank,
+)
+from peft_lowrank_ext.kernels.fastfood import _fastfood_backward_op, _fastfood_op
+from peft_lowrank_ext.kernels.hadamard import _fwht_op
+from peft_lowrank_ext.kernels.masked_lowrank import _masked_lowrank_backward_op, _masked_lowrank_op
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _dense_fastfood(signs, perm, gauss, d, out_dim):
+    """P (out_dim, d) of one module, built explicitly in float64."""
+    length = signs.numel()
+    h = hadamard_matrix(length, torch.float64)
+    permutation = torch.eye(length, dtype=torch.float64)[perm]  # (Π v)_i = v[perm[i]]
+    chain = h @ torch.diag(gauss.double()) @ permutation @ h @ torch.diag(signs.double())
+    return chain[:out_dim, :d] / (gauss.double().norm() * math.sqrt(out_dim))
+
+
+def _masked_inputs(n=9, d_in=12, d_out=10, r=5, dtype=torch.float64, gate_grad=True, with_mask=True):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d_in, generator=gen, dtype=dtype, requires_grad=True)
+    a = torch.randn(r, d_in, generator=gen, dtype=dtype, requires_grad=True)
+    b = torch.randn(d_out, r, generator=gen, dtype=dtype, requires_grad=True)
+    gate = torch.tensor([0.5, 0.0, 1.5, 0.25, 0.0][:r], dtype=dtype).requires_grad_(gate_grad)
+    mask = (torch.rand(r, d_in, generator=gen) > 0.4).to(dtype) if with_mask else None
+    return x, a, b, gate, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Walsh–Hadamard
+
+
+@pytest.mark.parametrize("n", [1, 2, 16, 128, 1024])
+def test_fwht_matches_dense_hadamard(n):
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    assert_close(fwht(x), x @ hadamard_matrix(n, torch.float64))
+
+
+def test_fwht_rejects_non_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        fwht(torch.randn(3, 12))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fastfood
+
+
+@pytest.mark.parametrize("d,out_dim,length", [(5, 16, 16), (10, 50, 64), (64, 64, 64), (1, 7, 8)])
+def test_fastfood_matches_dense_projection(d, out_dim, length):
+    signs, perm, gauss = random_fastfood_factors(3, length, torch.Generator().manual_seed(d))
+    z = torch.randn(3, d, dtype=torch.float64)
+    grad = torch.randn(3, out_dim, dtype=torch.float64)
+    theta = fastfood_project(z, signs, perm, gauss, out_dim)
+    for m in range(3):
+        p = _dense_fastfood(signs[m], perm[m], gauss[m], d, out_dim)
+        assert_close(theta[m], p @ z[m])
+        assert_close(_fastfood_backward_op(grad, signs, perm, gauss, d)[m], p.T @ grad[m])
+
+
+def test_fastfood_output_is_fp32_and_gradient_has_z_dtype():
+    signs, perm, gauss = random_fastfood_factors(2, 32)
+    z = torch.randn(2, 9, dtype=torch.bfloat16, requires_grad=True)
+    theta = fastfood_project(z, signs, perm, gauss, 20)
+    theta.sum().backward()
+    assert theta.dtype == torch.float32 and z.grad.dtype == torch.bfloat16
+
+
+def test_fastfood_gradcheck():
+    signs, perm, gauss = random_fastfood_factors(2, 32)
+    z = torch.randn(2, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: fastfood_project(v, signs, perm, gauss, 25), (z,))
+
+
+def test_fastfood_grouped_matches_per_module_calls():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 30, 32), (8, 64, 64), (3, 20, 32), (16, 60, 64), (2, 9, 16)]  # (d, out_dim, L)
+    items = []
+    for d, out_dim, length in shapes:
+        signs, perm, gauss = random_fastfood_factors(1, length, gen)
+        z = torch.randn(d, generator=gen, dtype=torch.float64, requires_grad=True)
+        items.append(FastfoodInput(z, signs[0], perm[0], gauss[0], out_dim))
+    grouped = fastfood_project_grouped(items)
+    sum(t.square().sum() for t in grouped).backward()
+    for item, theta in zip(items, grouped):
+        z = item.z.detach().requires_grad_()
+        single = fastfood_project(z[None], item.signs[None], item.perm[None], item.gauss[None], item.out_dim)[0]
+        single.square().sum().backward()
+        assert_close(theta, single)
+        assert_close(item.z.grad, z.grad)
+
+
+def test_fastfood_validates_shapes():
+    signs, perm, gauss = random_fastfood_factors(2, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        fastfood_project(torch.randn(2, 20), signs, perm, gauss, 10)
+    with pytest.raises(ValueError, match="int64"):
+        fastfood_project(torch.randn(2, 4), signs, perm.int(), gauss, 10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked / gated low-rank product
+
+
+def _unfused(x, a, b, gate, scale, mask):
+    a = a if mask is None else a * mask
+    return scale * ((x @ a.T) * gate) @ b.T
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("gate_grad", [True, False])
+def test_masked_lowrank_matches_unfused_autograd(with_mask, gate_grad):
+    inputs = _masked_inputs(gate_grad=gate_grad, with_mask=with_mask)
+    x, a, b, gate, mask = inputs
+    grad = torch.randn(9, 10, dtype=torch.float64)
+    y = masked_lowrank(x, a, b, gate, 0.75, mask)
+    wrt = [t for t in (x, a, b, gate) if t.requires_grad]
+    got = torch.autograd.grad(y, wrt, grad)
+    y_ref = _unfused(x, a, b, gate, 0.75, mask)
+    ref = torch.autograd.grad(y_ref, wrt, grad)
+    assert_close(y, y_ref)
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+
+
+def test_masked_lowrank_gradcheck():
+    x, a, b, gate, mask = _masked_inputs(n=4, d_in=5, d_out=3, r=5)
+    fn = lambda *t: masked_lowrank(*t, 1.3, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b, gate))
+
+
+def test_masked_lowrank_flattens_leading_dims_and_keeps_dtype():
+    x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    a, b, gate = torch.randn(4, 16), torch.randn(8, 4), torch.ones(4)
+    y = masked_lowrank(x, a, b, gate, 2.0)
+    assert y.shape == (2, 3, 8) and y.dtype == torch.bfloat16
+    assert_close(y, _unfused(x.double(), a.double(), b.double(), gate.double(), 2.0, None), torch.bfloat16)
+
+
+def test_masked_lowrank_validates_shapes():
+    with pytest.raises(ValueError, match="do not fit"):
+        masked_lowrank(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 3), torch.ones(4), 1.0)
+    with pytest.raises(ValueError, match="mask"):
+        masked_lowrank(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 4), torch.ones(4), 1.0, torch.ones(4, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck and torch.compile
+
+
+def _opcheck_cases():
+    signs, perm, gauss = random_fastfood_factors(3, 64)
+    x, a, b, gate, mask = (t.detach().float() if t is not None else None for t in _masked_inputs())
+    h = x @ (a * mask).T
+    backward_args = (torch.randn(9, 10), x.clone(), a.clone(), b.clone(), gate.clone(), mask, h, 0.5, True)
+    cases = {
+        "fwht": (_fwht_op, (torch.randn(4, 32, requires_grad=True),)),
+        "fastfood": (_fastfood_op, (torch.randn(3, 10, requires_grad=True), signs, perm, gauss, 50)),
+        "fastfood_backward": (_fastfood_backward_op, (torch.randn(3, 50), signs, perm, gauss, 10)),
+        "masked_lowrank": (_masked_lowrank_op, (x.requires_grad_(), a.requires_grad_(), b.requires_grad_(),
+                                                gate.requires_grad_(), mask, 0.5, False)),
+        "masked_lowrank_no_mask": (_masked_lowrank_op, (x, a, b, gate.detach(), None, 0.5, True)),
+        "masked_lowrank_backward": (_masked_lowrank_backward_op, backward_args),
+    }
+    return [pytest.param(op, args, id=name) for name, (op, args) in cases.items()]
+
+
+@pytest.mark.parametrize("op,args", _opcheck_cases())
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    signs, perm, gauss = random_fastfood_factors(3, 64)
+    x, a, b, gate, mask = (t.detach().float() if t is not None else None for t in _masked_inputs())
+    z = torch.randn(3, 10)
+
+    def loss(x, a, b, gate, z):
+        y = masked_lowrank(x, a, b, gate, 0.5, mask)
+        theta = fastfood_project(z, signs, perm, gauss, 50)
+        return y.square().mean() + theta.square().sum() + fwht(x[:, :8]).square().mean()
+
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, gate, z)]
+    eager = loss(*leaves)
+    eager_grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(loss, fullgraph=True)
+    leaves_c = [t.clone().requires_grad_() for t in (x, a, b, gate, z)]
+    got = compiled(*leaves_c)
+    got_grads = torch.autograd.grad(got, leaves_c)
+    assert_close(got, eager)
+    for g, r in zip(got_grads, eager_grads):
+        assert_close(g, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# Packaging
+
+
+def test_import_and_cpu_use_without_triton():
+    """``import peft_lowrank_ext.kernels`` must not need Triton (nor touch CUDA)."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoTriton(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "triton" or name.startswith("triton."):
+                    raise ImportError("triton is blocked for this test")
+        sys.meta_path.insert(0, NoTriton())
+        import torch
+        import peft_lowrank_ext.kernels as k
+        from peft_lowrank_ext.kernels._dispatch import triton_available
+        assert not triton_available() and "triton" not in sys.modules
+        assert not torch.cuda.is_initialized()
+        y = k.masked_lowrank(torch.randn(3, 8), torch.randn(2, 8), torch.randn(4, 2), torch.ones(2), 1.0)
+        assert y.shape == (3, 4) and k.fwht(torch.randn(2, 16)).shape == (2, 16)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
