@@ -143,14 +143,34 @@ class FastfoodInput(NamedTuple):
     out_dim: int
 
 
+class StackedFastfood:
+    """The factors of a fixed set of modules sharing one ``L``, stacked once and reused every step.
+
+    Stacking signs/perm/gauss costs more memory traffic than the transforms themselves at 7B
+    shapes, so callers that project the same modules every step keep one of these per group.
+    ``z`` rows are zero-padded to the longest ``d`` (``pad_L(z)`` is unchanged) and projected to the
+    longest ``out_dim``; each slice is rescaled from ``1/√max_out`` to its own ``1/√out_dim``.
+    """
+
+    def __init__(self, signs: Sequence[torch.Tensor], perm: Sequence[torch.Tensor], gauss: Sequence[torch.Tensor],
+                 out_dims: Sequence[int]):
+        self.signs, self.perm, self.gauss = torch.stack(list(signs)), torch.stack(list(perm)), torch.stack(list(gauss))
+        self.out_dims = list(out_dims)
+        self.out_max = max(self.out_dims)
+
+    def project(self, zs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        d_max = max(z.shape[-1] for z in zs)
+        theta = fastfood_project(torch.stack([F.pad(z, (0, d_max - z.shape[-1])) for z in zs]),
+                                 self.signs, self.perm, self.gauss, self.out_max)
+        return [theta[row, :out] if out == self.out_max else theta[row, :out] * math.sqrt(self.out_max / out)
+                for row, out in enumerate(self.out_dims)]
+
+
 def fastfood_project_grouped(inputs: Sequence[FastfoodInput]) -> list[torch.Tensor]:
     """Project many modules with one launch chain per distinct ``L`` (and device).
 
-    Inside a group ``z`` is zero-padded to the longest ``d`` (which leaves ``pad_L(z)``
-    unchanged) and the projection is computed to the longest ``out_dim``; each module's slice is
-    then rescaled from ``1/√max_out`` to its own ``1/√out_dim``. Returns one (out_dim,) tensor per
-    input, in order. Callers that project the same modules every step can stack the factors once
-    and call :func:`fastfood_project` directly to skip the per-call stacking.
+    Returns one (out_dim,) tensor per input, in order. For repeated calls over the same modules
+    keep a :class:`StackedFastfood` per group instead (no per-call stacking).
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, item in enumerate(inputs):
@@ -158,16 +178,8 @@ def fastfood_project_grouped(inputs: Sequence[FastfoodInput]) -> list[torch.Tens
     out: list[torch.Tensor | None] = [None] * len(inputs)
     for members in groups.values():
         items = [inputs[i] for i in members]
-        d_max = max(item.z.shape[-1] for item in items)
-        out_max = max(item.out_dim for item in items)
-        theta = fastfood_project(
-            torch.stack([F.pad(item.z, (0, d_max - item.z.shape[-1])) for item in items]),
-            torch.stack([item.signs for item in items]),
-            torch.stack([item.perm for item in items]),
-            torch.stack([item.gauss for item in items]),
-            out_max,
-        )
-        for row, (i, item) in enumerate(zip(members, items)):
-            vec = theta[row, : item.out_dim]
-            out[i] = vec if item.out_dim == out_max else vec * math.sqrt(out_max / item.out_dim)
+        stacked = StackedFastfood([it.signs for it in items], [it.perm for it in items], [it.gauss for it in items],
+                                  [it.out_dim for it in items])
+        for i, vec in zip(members, stacked.project([it.z for it in items])):
+            out[i] = vec
     return out

@@ -2,8 +2,8 @@
 
 PEFT calls each tuner layer separately, which would mean one projection launch per module. A
 forward pre-hook on the adapted model instead projects all active adapters at once (one launch
-chain per distinct Hadamard length, see ``kernels.fastfood.fastfood_project_grouped``) and hands
-each layer its (A, B) for this pass. Layers with noise injection keep the per-layer path so that
+chain per distinct Hadamard length, with the random factors stacked once per group and reused:
+``kernels.fastfood.StackedFastfood``) and hands each layer its (A, B) for this pass. Layers with noise injection keep the per-layer path so that
 gradient checkpointing replays the same noise.
 """
 
@@ -12,10 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.fastfood import FastfoodInput, fastfood_project_grouped
+from collections import defaultdict
+
+from ..kernels.fastfood import StackedFastfood
 from .layer import RLoraLayer
 
 _HANDLE_ATTR = "_rlr_batched_projection_handle"
+_STACKS_ATTR = "_rlr_stacked_projections"
 
 
 def _active_jobs(model: nn.Module):
@@ -34,16 +37,26 @@ def _precompute_factors(model: nn.Module, args, kwargs) -> None:
             module._rlr_pending.clear()
     if not jobs:
         return
-    inputs = []
+    groups: dict[tuple, list[tuple[RLoraLayer, str]]] = defaultdict(list)
     for module, adapter in jobs:
         proj = module.rlr_projection[adapter]
-        z = module.rlr_z[adapter]
-        signs, perm, gauss, _ = proj.tensors(z.device)
-        inputs.append(FastfoodInput(z.float(), signs, perm, gauss, proj.total_dim))
-    for (module, adapter), delta in zip(jobs, fastfood_project_grouped(inputs)):
-        scale = module.rlr_scale[adapter] if adapter in module.rlr_scale else None
-        factors = module.rlr_projection[adapter].factors_from_projection(delta, scale)
-        module._rlr_pending[adapter] = (module.pending_key(adapter), factors)
+        groups[(proj.signs.numel(), module.rlr_z[adapter].device)].append((module, adapter))
+    stacks = model.__dict__.setdefault(_STACKS_ATTR, {})
+    for key, members in groups.items():
+        projections = tuple(module.rlr_projection[adapter] for module, adapter in members)
+        cached = stacks.get(key)
+        if cached is None or len(cached[0]) != len(projections) or any(
+            a is not b for a, b in zip(cached[0], projections)
+        ):
+            tensors = [proj.tensors(key[1]) for proj in projections]
+            cached = (projections, StackedFastfood([t[0] for t in tensors], [t[1] for t in tensors],
+                                                   [t[2] for t in tensors], [p.total_dim for p in projections]))
+            stacks[key] = cached
+        deltas = cached[1].project([module.rlr_z[adapter].float() for module, adapter in members])
+        for (module, adapter), delta in zip(members, deltas):
+            scale = module.rlr_scale[adapter] if adapter in module.rlr_scale else None
+            factors = module.rlr_projection[adapter].factors_from_projection(delta, scale)
+            module._rlr_pending[adapter] = (module.pending_key(adapter), factors)
 
 
 def install_batched_projection(model: nn.Module) -> None:
