@@ -15,9 +15,13 @@ from .autolora import (
     retrain_lora_config,
     run_autolora,
 )
+from .prilora import PriLoraConfig, PriLoraModel, prilora_ranks, prilora_sparsity, prilora_step
+from .heterolora import HeteroLoraConfig, HeteroLoraModel, heterolora_allocation, heterolora_score
 
 register_method("rlora", RLoraConfig, RLoraModel)
 register_method("autolora", AutoLoraConfig, AutoLoraModel)
+register_method("prilora", PriLoraConfig, PriLoraModel)
+register_method("heterolora", HeteroLoraConfig, HeteroLoraModel)
 
 from .export import export_lora  # noqa: E402
 
@@ -27,5 +31,7 @@ __all__ = [
     "RLoraConfig", "RLoraModel", "pac_bayes_stats",
     "AutoLoraConfig", "AutoLoraModel", "AutoLoraSearch", "autolora_ranks", "autolora_select",
     "retrain_lora_config", "run_autolora",
+    "PriLoraConfig", "PriLoraModel", "prilora_ranks", "prilora_sparsity", "prilora_step",
+    "HeteroLoraConfig", "HeteroLoraModel", "heterolora_allocation", "heterolora_score",
     "export_lora", "__version__",
 ]

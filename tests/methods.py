@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from peft import PeftConfig
 
-from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, RLoraConfig
+from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, HeteroLoraConfig, PriLoraConfig, RLoraConfig
 from models import VOCAB
 
 
@@ -32,6 +32,18 @@ def _autolora(target_modules, task_type):
                           init_weights=False)
 
 
+def _prilora(target_modules, task_type):
+    # Pruning from the first step on, so that training and the SFTTrainer resume test exercise it.
+    return PriLoraConfig(r_first=2, r_last=4, lora_alpha=8, target_modules=list(target_modules), task_type=task_type,
+                         init_weights=False, prune_every=1, prune_start=0, prune_end=3, final_sparsity=0.5)
+
+
+def _heterolora(target_modules, task_type):
+    # Half the candidates on; one scoring step, so training and the SFTTrainer resume test cross an allocation.
+    return HeteroLoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), task_type=task_type,
+                            init_weights=False, budget=0.5, proxy="grad_norm", proxy_batches=1)
+
+
 def lm_batches(n: int = 2, batch: int = 4, seq: int = 8):
     """Ready causal-LM batches (with labels) for held-out data."""
     gen = torch.Generator().manual_seed(99)
@@ -45,4 +57,6 @@ def lm_batches(n: int = 2, batch: int = 4, seq: int = 8):
 METHODS = {
     "rlora": MethodCase("rlora", _rlora, "rlr_"),
     "autolora": MethodCase("autolora", _autolora, "autolr_", lambda: [AutoLoraSearch(lm_batches())]),
+    "prilora": MethodCase("prilora", _prilora, "prilr_"),
+    "heterolora": MethodCase("heterolora", _heterolora, "hetlr_"),
 }

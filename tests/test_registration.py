@@ -16,7 +16,12 @@ from peft.utils import PeftType
 import peft_lowrank_ext
 from peft_lowrank_ext.registry import check_prefix_is_unique, register_method
 
-OWN = {"RLORA": ("rlr_", peft_lowrank_ext.RLoraConfig, peft_lowrank_ext.RLoraModel)}
+OWN = {
+    "RLORA": ("rlr_", peft_lowrank_ext.RLoraConfig, peft_lowrank_ext.RLoraModel),
+    "AUTOLORA": ("autolr_", peft_lowrank_ext.AutoLoraConfig, peft_lowrank_ext.AutoLoraModel),
+    "PRILORA": ("prilr_", peft_lowrank_ext.PriLoraConfig, peft_lowrank_ext.PriLoraModel),
+    "HETEROLORA": ("hetlr_", peft_lowrank_ext.HeteroLoraConfig, peft_lowrank_ext.HeteroLoraModel),
+}
 
 
 def test_methods_are_real_peft_types_with_unique_prefixes():
@@ -36,6 +41,7 @@ def test_reimport_is_idempotent():
     assert PeftType.RLORA is before
     assert register_method("rlora", peft_lowrank_ext.RLoraConfig, peft_lowrank_ext.RLoraModel) is before
     assert list(PeftType).count(before) == 1
+    assert all(list(PeftType).count(PeftType[name]) == 1 for name in OWN)
 
 
 def test_prefix_checks():
