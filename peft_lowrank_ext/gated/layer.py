@@ -26,7 +26,7 @@ from ..rlora.layer import base_layer_features
 # Per-adapter containers; each is stored as an attribute named ``prefix + kind``.
 TRAINABLE_KINDS = ("A", "B")
 BUFFER_KINDS = ("rank_mask", "element_mask", "module_on")
-PLAIN_KINDS = ("r", "scaling", "dropout", "config")
+PLAIN_KINDS = ("r", "scaling", "dropout", "config", "module_on_cache")
 
 
 class GatedLoraLayer(AdditiveAdapterLayer):
@@ -47,17 +47,21 @@ class GatedLoraLayer(AdditiveAdapterLayer):
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        self._init_adapter_containers()
+        self.kwargs = kwargs
+        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
+
+    def _init_adapter_containers(self) -> None:
+        """The empty per-adapter containers named ``prefix + kind`` and PEFT's merge/disable state."""
         for kind in TRAINABLE_KINDS:
             setattr(self, self.prefix + kind, nn.ParameterDict({}))
         for kind in BUFFER_KINDS + self.extra_buffer_kinds:
             setattr(self, self.prefix + kind, BufferDict({}, persistent=True))
         setattr(self, self.prefix + "dropout", nn.ModuleDict({}))
-        for kind in ("r", "scaling", "config"):
+        for kind in ("r", "scaling", "config", "module_on_cache"):
             setattr(self, self.prefix + kind, {})
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
-        self.in_features, self.out_features = base_layer_features(self.get_base_layer())
 
     # ----- creation ---------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config, r: int, lora_alpha: float, *, element_mask: bool = False) -> None:
@@ -111,7 +115,16 @@ class GatedLoraLayer(AdditiveAdapterLayer):
         return masks[adapter_name] if adapter_name in masks else None
 
     def is_on(self, adapter_name: str) -> bool:
-        return bool(self._store("module_on")[adapter_name] != 0)
+        """Module switch as a Python bool, re-read only when the buffer changes (no GPU sync per forward)."""
+        flag = self._store("module_on")[adapter_name]
+        if torch.compiler.is_compiling():
+            return bool(flag != 0)
+        key = (flag.data_ptr(), flag._version)
+        cached = self._store("module_on_cache").get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = (key, bool(flag != 0))
+            self._store("module_on_cache")[adapter_name] = cached
+        return cached[1]
 
     # ----- weights ----------------------------------------------------------------------------
     def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING

@@ -37,7 +37,7 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from ..gated.layer import BUFFER_KINDS, TRAINABLE_KINDS, GatedLinear, GatedLoraLayer
+from ..gated.layer import GatedLinear, GatedLoraLayer
 
 STATE_LEN = 4
 STEP, N_ALLOC, N_SCORED, NEXT_ALLOC = range(STATE_LEN)
@@ -111,15 +111,7 @@ class HeteroShortcut(nn.Module, HeteroLoraLayer):
     def __init__(self, hidden_size: int, kind: str, adapter_name: str, config, active_adapters, device,
                  r: int, lora_alpha: float) -> None:
         nn.Module.__init__(self)
-        for k in TRAINABLE_KINDS:
-            setattr(self, self.prefix + k, nn.ParameterDict({}))
-        for k in BUFFER_KINDS + self.extra_buffer_kinds:
-            setattr(self, self.prefix + k, BufferDict({}, persistent=True))
-        setattr(self, self.prefix + "dropout", nn.ModuleDict({}))
-        for k in ("r", "scaling", "config"):
-            setattr(self, self.prefix + k, {})
-        self._disable_adapters = False
-        self.merged_adapters = []
+        self._init_adapter_containers()
         self.kwargs = {}
         self.in_features = self.out_features = hidden_size
         self.fan_in_fan_out = False
