@@ -30,7 +30,6 @@ from peft_lowrank_ext.training import (
     TrainingConfig,
     _collate,
     _encode,
-    count_parameters,
     fit,
     load_model_and_tokenizer,
     set_seed,
