@@ -1,0 +1,181 @@
+"""Load text-classification data: the bundled review set or local CSV/TSV/JSON/JSONL/Parquet files.
+
+Everything goes through the Hugging Face ``datasets`` library and works offline. The returned
+datasets always have exactly two columns, ``text`` (str) and ``label`` (int in ``0..K-1``),
+whatever the column names in the source files were.
+
+Bad input raises :class:`ValueError` with a message that names the offending argument (in both its
+Python and its command-line spelling) and, where there is a fixed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from peft_lowrank_ext.data import EVAL_CSV, TRAIN_CSV
+
+#: file suffix -> ``datasets`` builder name
+FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+
+TEXT = "text"
+LABEL = "label"
+
+
+def _argname(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+@dataclass
+class TextClassificationData:
+    """A training and an evaluation split with columns ``text`` and ``label``."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    num_labels: int
+    source: str
+
+    def describe(self) -> str:
+        return (f"{self.source}: {len(self.train)} training / {len(self.eval)} evaluation rows, "
+                f"{self.num_labels} labels")
+
+
+def load_table(path: str | Path, arg: str = "train_file") -> datasets.Dataset:
+    """Read one local data file into a :class:`datasets.Dataset`.
+
+    ``arg`` is the name of the argument the path came from; it is used in error messages.
+    """
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"{_argname(arg)}: unsupported file type {p.suffix or '(no suffix)'!r} for {str(path)!r}; "
+            f"allowed suffixes: {', '.join(FORMATS)}")
+    if not p.is_file():
+        raise ValueError(f"{_argname(arg)}: file not found: {str(path)!r}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{_argname(arg)}: the data set is empty (0 rows): {str(path)!r}")
+    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    try:
+        dsd = datasets.load_dataset(FORMATS[suffix], data_files={"data": str(p)}, **kwargs)
+    except Exception as e:  # the underlying parsers raise many different types
+        if "corresponds to no data" in str(e):  # a header without rows
+            raise ValueError(f"{_argname(arg)}: the data set is empty (0 rows): {str(path)!r}") from e
+        raise ValueError(f"{_argname(arg)}: could not read {str(path)!r} as {FORMATS[suffix]}: {e}") from e
+    return dsd["data"]
+
+
+def _normalise(ds: datasets.Dataset, text_column: str, label_column: str, arg: str) -> datasets.Dataset:
+    """Select/rename the text and label columns, check their contents and cast labels to int."""
+    where = f"{_argname(arg)}"
+    if len(ds) == 0:
+        raise ValueError(f"{where}: the data set is empty (0 rows)")
+    cols = list(ds.column_names)
+    for col, opt in ((text_column, "text_column"), (label_column, "label_column")):
+        if col not in cols:
+            raise ValueError(
+                f"{_argname(opt)}: column {col!r} not found in {where} data; available columns: {cols}")
+    if text_column == label_column:
+        raise ValueError(f"{_argname('text_column')} and {_argname('label_column')} must differ, both are {text_column!r}")
+    ds = ds.select_columns([text_column, label_column])
+
+    texts = ds[text_column]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ValueError(
+                f"{_argname('text_column')}: column {text_column!r} of {where} must hold strings; "
+                f"row {i} holds {t!r} ({type(t).__name__})")
+
+    raw = ds[label_column]
+    labels: list[int] = []
+    for i, v in enumerate(raw):
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+            v, ok = int(v), True
+        if not ok or v < 0:
+            raise ValueError(
+                f"{_argname('label_column')}: column {label_column!r} of {where} must hold non-negative "
+                f"integer class ids (0, 1, ...); row {i} holds {v!r} ({type(v).__name__})")
+        labels.append(v)
+
+    ds = ds.remove_columns([label_column])
+    if text_column != TEXT:
+        ds = ds.rename_column(text_column, TEXT)
+    return ds.add_column(LABEL, labels, feature=datasets.Value("int64"))
+
+
+def _limit(ds: datasets.Dataset, n: int | None, arg: str) -> datasets.Dataset:
+    if n is None:
+        return ds
+    if n < 1:
+        raise ValueError(f"{_argname(arg)}: must be a positive integer, got {n}")
+    return ds.select(range(min(n, len(ds))))
+
+
+def load_text_classification(
+    train_file: str | Path | None = None,
+    eval_file: str | Path | None = None,
+    text_column: str = TEXT,
+    label_column: str = LABEL,
+    *,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> TextClassificationData:
+    """Load the training and evaluation splits.
+
+    * No files: the bundled review-sentiment set (``peft_lowrank_ext/data/{train,eval}.csv``).
+    * ``train_file`` and ``eval_file``: those files.
+    * Only ``train_file``: a seeded ``eval_fraction`` of it is held out for evaluation.
+
+    The number of labels is ``max(train labels) + 1``; there must be at least two, and every
+    evaluation label must be below it.
+    """
+    if eval_file is not None and train_file is None:
+        raise ValueError(f"{_argname('eval_file')} needs {_argname('train_file')} as well")
+    if train_file is None:
+        source = "bundled review-sentiment data"
+        train = _normalise(load_table(TRAIN_CSV, "train_file"), TEXT, LABEL, "train_file")
+        evald = _normalise(load_table(EVAL_CSV, "eval_file"), TEXT, LABEL, "eval_file")
+    else:
+        train = _normalise(load_table(train_file, "train_file"), text_column, label_column, "train_file")
+        if eval_file is not None:
+            source = f"{train_file} + {eval_file}"
+            evald = _normalise(load_table(eval_file, "eval_file"), text_column, label_column, "eval_file")
+        else:
+            if not 0.0 < eval_fraction < 1.0:
+                raise ValueError(f"{_argname('eval_fraction')}: must be in (0, 1), got {eval_fraction}")
+            if len(train) < 2:
+                raise ValueError(f"{_argname('train_file')}: needs at least 2 rows to hold some out for evaluation")
+            source = f"{train_file} (held out {eval_fraction:.0%} for evaluation)"
+            split = train.train_test_split(test_size=eval_fraction, seed=seed)
+            train, evald = split["train"], split["test"]
+
+    train = _limit(train, max_train_samples, "max_train_samples")
+    evald = _limit(evald, max_eval_samples, "max_eval_samples")
+
+    train_labels = set(train[LABEL])
+    num_labels = max(train_labels) + 1
+    if len(train_labels) < 2:
+        raise ValueError(
+            f"{_argname('label_column')}: the training data has a single class {sorted(train_labels)}; "
+            "classification needs at least two")
+    bad = sorted(set(evald[LABEL]) - set(range(num_labels)))
+    if bad:
+        raise ValueError(
+            f"{_argname('label_column')}: evaluation labels {bad} do not occur in the training data "
+            f"(allowed: 0..{num_labels - 1})")
+    return TextClassificationData(train=train, eval=evald, num_labels=num_labels, source=source)
+
+
+__all__ = ["FORMATS", "TextClassificationData", "load_table", "load_text_classification"]
