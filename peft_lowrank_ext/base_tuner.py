@@ -27,3 +27,27 @@ class LowRankTuner(BaseTuner):
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(weight.device)
+
+
+def adapted_root(model: nn.Module) -> nn.Module:
+    """The transformers model that carries the adapter layers (inside a PeftModel or a tuner)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def adapter_layers(model: nn.Module, layer_cls: type, adapter_name: str | None, method: str):
+    """(name, layer, adapter) of every ``layer_cls`` holding ``adapter_name`` (default: its active one)."""
+    found = []
+    for name, module in adapted_root(model).named_modules():
+        if isinstance(module, layer_cls):
+            adapter = adapter_name or module.active_adapters[0]
+            if module.has_adapter(adapter):
+                found.append((name, module, adapter))
+    if not found:
+        raise ValueError(f"the model has no {method} layers for adapter {adapter_name!r}")
+    return found

@@ -24,23 +24,12 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..base_tuner import adapted_root
 from .layer import AutoLoraLayer
 
 SEARCH_ATTR = "_autolora_search"
 LAST_BATCH_ATTR = "_autolora_last_train_batch"
 BUSY_ATTR = "_autolora_in_meta_step"
-
-
-def adapted_root(model: nn.Module) -> nn.Module:
-    """The transformers model that carries the adapter layers (inside a PeftModel or a tuner)."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    if isinstance(model, BaseTuner):
-        model = model.model
-    return model
 
 
 class AutoLoraSearch(TrainerCallback):

@@ -9,20 +9,12 @@ from peft import LoraConfig
 from torch import nn
 
 from .layer import AutoLoraLayer
-from .search import AutoLoraSearch, adapted_root
+from ..base_tuner import adapter_layers
+from .search import AutoLoraSearch
 
 
 def _layers(model: nn.Module, adapter_name: str | None):
-    root = adapted_root(model)
-    found = []
-    for name, module in root.named_modules():
-        if isinstance(module, AutoLoraLayer):
-            adapter = adapter_name or module.active_adapters[0]
-            if adapter in module._store("A"):
-                found.append((name, module, adapter))
-    if not found:
-        raise ValueError(f"the model has no AutoLoRA layers for adapter {adapter_name!r}")
-    return found
+    return adapter_layers(model, AutoLoraLayer, adapter_name, "AutoLoRA")
 
 
 def _kept(module: AutoLoraLayer, adapter: str, threshold: float) -> torch.Tensor:

@@ -33,24 +33,13 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from ..base_tuner import adapted_root
 from .config import budget_count
 from .layer import FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active
 from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
 CAPTURE_ATTR = "_heterolora_capture_handle"
-
-
-def adapted_root(model: nn.Module) -> nn.Module:
-    """The transformers model that carries the adapter layers (inside a PeftModel or a tuner)."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    if isinstance(model, BaseTuner):
-        model = model.model
-    return model
 
 
 def candidates(root: nn.Module, adapter: str) -> list[Candidate]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..base_tuner import adapter_layers
 from ..gated.model import GatedTuner
 from ..step_hooks import register_step_callbacks
 from .config import PriLoraConfig
@@ -83,28 +84,8 @@ def prilora_post_step(root: nn.Module, optimizer: torch.optim.Optimizer | None =
 
 
 # ----- inspection -------------------------------------------------------------------------------
-def _root(model: nn.Module) -> nn.Module:
-    """The transformers model that carries the layers (inside a PeftModel or a tuner)."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    if isinstance(model, BaseTuner):
-        model = model.model
-    return model
-
-
 def _layers(model: nn.Module, adapter_name: str | None):
-    found = []
-    for name, module in _root(model).named_modules():
-        if isinstance(module, PriLoraLayer):
-            adapter = adapter_name or module.active_adapters[0]
-            if adapter in module._store("A"):
-                found.append((name, module, adapter))
-    if not found:
-        raise ValueError(f"the model has no PRILoRA layers for adapter {adapter_name!r}")
-    return found
+    return adapter_layers(model, PriLoraLayer, adapter_name, "PRILoRA")
 
 
 def prilora_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
