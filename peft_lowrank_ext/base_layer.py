@@ -27,6 +27,32 @@ class AdditiveAdapterLayer(BaseTunerLayer):
     def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         raise NotImplementedError
 
+    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's additive output for input ``x`` (before casting to the result dtype)."""
+        raise NotImplementedError
+
+    def adapter_is_on(self, adapter_name: str) -> bool:
+        return True
+
+    def before_adapter_forward(self, x: torch.Tensor) -> None:
+        """Hook for policies that observe the layer input (PRILoRA's input statistics)."""
+
+    def additive_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x) + Σ_active adapter_update(x)``, honouring disable and merged states like LoRA."""
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        self.before_adapter_forward(x)
+        for adapter in self.active_adapters:
+            if self.has_adapter(adapter) and self.adapter_is_on(adapter):
+                result = result + self.adapter_update(x, adapter).to(result.dtype)
+        return result.to(previous_dtype)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the base weight's layout (transposed for Conv1D) and dtype."""
         weight = self.get_base_layer().weight

@@ -114,6 +114,9 @@ class GatedLoraLayer(AdditiveAdapterLayer):
         masks = self._store("element_mask")
         return masks[adapter_name] if adapter_name in masks else None
 
+    def adapter_is_on(self, adapter_name: str) -> bool:
+        return self.is_on(adapter_name)
+
     def is_on(self, adapter_name: str) -> bool:
         """Module switch as a Python bool, re-read only when the buffer changes (no GPU sync per forward)."""
         flag = self._store("module_on")[adapter_name]
@@ -144,7 +147,7 @@ class GatedLoraLayer(AdditiveAdapterLayer):
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._store("A")
 
-    def _adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         lora_a = self._store("A")[adapter_name]
         h = self._store("dropout")[adapter_name](self._cast_input_dtype(x, lora_a.dtype))
         return masked_lowrank(
@@ -164,22 +167,7 @@ class GatedLinear(nn.Module, GatedLoraLayer):
         self.update_layer(adapter_name, config, r, lora_alpha, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        self.before_adapter_forward(x)
-        for adapter in self.active_adapters:
-            if adapter in self._store("A") and self.is_on(adapter):
-                result = result + self._adapter_update(x, adapter).to(result.dtype)
-        return result.to(previous_dtype)
-
-    def before_adapter_forward(self, x: torch.Tensor) -> None:
-        """Hook for policies that observe the layer input (PRILoRA's input statistics)."""
+        return self.additive_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return self.prefix.rstrip("_") + "." + super().__repr__()

@@ -67,8 +67,8 @@ class HeteroLoraLayer(GatedLoraLayer):
     def set_on(self, adapter_name: str, on: bool) -> None:
         self._store("module_on")[adapter_name].fill_(1.0 if on else 0.0)
 
-    def _adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        out = super()._adapter_update(x, adapter_name)
+    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        out = super().adapter_update(x, adapter_name)
         # alpha_test scales one module's output by a/10 (a transient attribute, never saved)
         scale = self.__dict__.get("_hetero_output_scale", {}).get(adapter_name)
         return out if scale is None else out * scale
@@ -151,7 +151,7 @@ class HeteroShortcut(nn.Module, HeteroLoraLayer):
         out = None
         for adapter in self.active_adapters:
             if adapter in self._store("A") and self.is_on(adapter):
-                d = self._adapter_update(h, adapter)
+                d = self.adapter_update(h, adapter)
                 out = d if out is None else out + d
         tie = self._unused_tie()
         if tie is not None:

@@ -174,23 +174,13 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
+    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        lora_a, lora_b = self.lora_factors(adapter_name)
+        h = self.rlr_dropout[adapter_name](self._cast_input_dtype(x, lora_a.dtype))
+        return (h @ lora_a.t()) @ lora_b.t() * self.rlr_scaling[adapter_name]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter in self.active_adapters:
-            if adapter not in self.rlr_z:
-                continue
-            lora_a, lora_b = self.lora_factors(adapter)
-            h = self.rlr_dropout[adapter](self._cast_input_dtype(x, lora_a.dtype))
-            update = (h @ lora_a.t()) @ lora_b.t()
-            result = result + (update * self.rlr_scaling[adapter]).to(result.dtype)
-        return result.to(previous_dtype)
+        return self.additive_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "rlora." + super().__repr__()
