@@ -206,17 +206,9 @@ def measure(model_name: str, method: str, args) -> dict:
 
 
 # ----- driver -------------------------------------------------------------------------------------
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def markdown(rows: list[dict]) -> str:
+    from peft_lowrank_ext.cli import human_bytes
+
     head = ["model", "method", "trainable params", "adapter file", "Adam state", "RSS before train",
             "peak RSS in steps", "step time (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
@@ -226,9 +218,9 @@ def markdown(rows: list[dict]) -> str:
             continue
         name = r["model"] + (f" ({r['layers']} layers, {r['dtype']})" if r["model"] == "llama1b" else "")
         lines.append("| " + " | ".join([
-            name, r["method"], f"{r['trainable_params']:,}", _fmt_bytes(r["adapter_bytes"]),
-            _fmt_bytes(r["optimizer_state_bytes"]), _fmt_bytes(r["rss_before_train_bytes"]),
-            _fmt_bytes(r["peak_rss_train_bytes"]), f"{1000 * r['step_s_median']:.0f} ms",
+            name, r["method"], f"{r['trainable_params']:,}", human_bytes(r["adapter_bytes"]),
+            human_bytes(r["optimizer_state_bytes"]), human_bytes(r["rss_before_train_bytes"]),
+            human_bytes(r["peak_rss_train_bytes"]), f"{1000 * r['step_s_median']:.0f} ms",
         ]) + " |")
     by = {(r["model"], r["method"]): r for r in rows if "error" not in r}
     notes = []

@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from ._validation import check_choice
+from ._validation import check_choice, check_real
 
 
 @dataclass
@@ -50,6 +50,12 @@ class LowRankPeftConfig(PeftConfig):
         default=True,
         metadata={"help": "True starts the adapter as a no-op (the adapted model equals the base model)."},
     )
+
+    def _check_lora_fields(self, owner: str) -> None:
+        """Targeting plus the ``lora_alpha`` / ``lora_dropout`` every method config declares."""
+        self._check_targeting(owner)
+        check_real(owner, "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
 
     def _check_targeting(self, owner: str) -> None:
         check_choice(owner, "bias", self.bias, ("none",))

@@ -208,7 +208,7 @@ def run_method(method: str, args: argparse.Namespace, data, output_dir: Path):
                             output_dir=output_dir, method=method)
 
 
-def _human_bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "n/a"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -229,11 +229,11 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
             r["method"],
             f"{100 * r['accuracy']:.1f}%",
             f"{r['trainable_params']:,}",
-            _human_bytes(r["adapter_bytes"]),
-            _human_bytes(r["optimizer_state_bytes"]),
+            human_bytes(r["adapter_bytes"]),
+            human_bytes(r["optimizer_state_bytes"]),
             f"{r['train_time_s']:.1f} s",
             f"{1000 * r['time_per_step_s']:.0f} ms",
-            _human_bytes(r.get("peak_rss_bytes")),
+            human_bytes(r.get("peak_rss_bytes")),
         ])
     return rows
 

@@ -51,10 +51,8 @@ class AutoLoraConfig(LowRankPeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.AUTOLORA
         owner = type(self).__name__
-        self._check_targeting(owner)
+        self._check_lora_fields(owner)
         check_int(owner, "r", self.r, minimum=1)
-        check_real(owner, "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if self.threshold is not None:
             check_real(owner, "threshold", self.threshold, low=0.0, high=1.0, low_open=True)
         check_choice(owner, "hypergradient", self.hypergradient, HYPERGRADIENTS)

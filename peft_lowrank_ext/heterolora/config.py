@@ -92,10 +92,8 @@ class HeteroLoraConfig(LowRankPeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.HETEROLORA
         owner = type(self).__name__
-        self._check_targeting(owner)
+        self._check_lora_fields(owner)
         check_int(owner, "r", self.r, minimum=1)
-        check_real(owner, "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         check_int(owner, "shortcut_r", self.shortcut_r, minimum=1)
         check_real(owner, "shortcut_alpha", self.shortcut_alpha, low=0.0, low_open=True)
         self.shortcuts = _check_shortcuts(owner, self.shortcuts)

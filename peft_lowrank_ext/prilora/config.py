@@ -79,10 +79,8 @@ class PriLoraConfig(LowRankPeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.PRILORA
         owner = type(self).__name__
-        self._check_targeting(owner)
+        self._check_lora_fields(owner)
         self._resolve_ranks(owner)
-        check_real(owner, "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if self.block_index_pattern is not None:
             if not isinstance(self.block_index_pattern, str):
                 _fail(owner, "block_index_pattern", self.block_index_pattern, "None or a regex string with one group")

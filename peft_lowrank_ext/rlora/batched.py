@@ -21,9 +21,9 @@ _HANDLE_ATTR = "_rlr_batched_projection_handle"
 _STACKS_ATTR = "_rlr_stacked_projections"
 
 
-def _active_jobs(model: nn.Module):
-    for module in model.modules():
-        if not isinstance(module, RLoraLayer) or module.disable_adapters or module.merged:
+def _active_jobs(layers: list[RLoraLayer]):
+    for module in layers:
+        if module.disable_adapters or module.merged:
             continue
         for adapter in module.active_adapters:
             if adapter in module.rlr_z and module.rlr_config[adapter].batch_projection and not module.uses_noise(adapter):
@@ -31,10 +31,10 @@ def _active_jobs(model: nn.Module):
 
 
 def _precompute_factors(model: nn.Module, args, kwargs) -> None:
-    jobs = list(_active_jobs(model)) if torch.is_grad_enabled() else []
-    for module in model.modules():
-        if isinstance(module, RLoraLayer):
-            module._rlr_pending.clear()
+    layers = [m for m in model.modules() if isinstance(m, RLoraLayer)]
+    for module in layers:
+        module._rlr_pending.clear()
+    jobs = list(_active_jobs(layers)) if torch.is_grad_enabled() else []
     if not jobs:
         return
     groups: dict[tuple, list[tuple[RLoraLayer, str]]] = defaultdict(list)

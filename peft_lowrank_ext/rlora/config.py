@@ -73,10 +73,8 @@ class RLoraConfig(LowRankPeftConfig):
         super().__post_init__()
         self.peft_type = PeftType.RLORA
         owner = type(self).__name__
-        self._check_targeting(owner)
+        self._check_lora_fields(owner)
         check_int(owner, "r", self.r, minimum=1)
-        check_real(owner, "lora_alpha", self.lora_alpha, low=0.0, low_open=True)
-        check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if (self.intrinsic_dim is None) == (self.projection_ratio is None):
             raise ValueError(
                 f"{owner}: intrinsic_dim={self.intrinsic_dim!r} and projection_ratio={self.projection_ratio!r} is not "
