@@ -36,6 +36,15 @@ def register_step_callbacks(
     _CALLBACKS.setdefault(model, {})[key] = (pre, post)
 
 
+def unregister_step_callbacks(model: nn.Module, key: str) -> None:
+    """Stop the callbacks registered for ``model`` under ``key`` (no-op if there are none)."""
+    callbacks = _CALLBACKS.get(model)
+    if callbacks is not None:
+        callbacks.pop(key, None)
+        if not callbacks:
+            del _CALLBACKS[model]
+
+
 def optimizer_updates(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
     """Whether ``optimizer`` holds any trainable parameter of ``model``."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
