@@ -24,6 +24,10 @@ register_method("prilora", PriLoraConfig, PriLoraModel)
 register_method("heterolora", HeteroLoraConfig, HeteroLoraModel)
 
 from .export import export_lora  # noqa: E402
+from .integrity import CorruptFileError, verify_adapter_folder, verify_checkpoint  # noqa: E402
+from .integrity import install as _install_integrity_checks  # noqa: E402
+
+_install_integrity_checks()
 
 __version__ = "0.1.0"
 
@@ -33,5 +37,5 @@ __all__ = [
     "retrain_lora_config", "run_autolora",
     "PriLoraConfig", "PriLoraModel", "prilora_ranks", "prilora_sparsity", "prilora_step",
     "HeteroLoraConfig", "HeteroLoraModel", "heterolora_allocation", "heterolora_score",
-    "export_lora", "__version__",
+    "export_lora", "CorruptFileError", "verify_adapter_folder", "verify_checkpoint", "__version__",
 ]

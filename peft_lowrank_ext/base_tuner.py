@@ -28,6 +28,15 @@ class LowRankTuner(BaseTuner):
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(weight.device)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's remapping, then refuse a weights file that lacks any of this method's tensors (``integrity``)."""
+        from .integrity import check_loaded_adapter_keys
+
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_loaded_adapter_keys(model, cls, config, adapter_name, remapped)
+        return remapped
+
 
 def adapted_root(model: nn.Module) -> nn.Module:
     """The transformers model that carries the adapter layers (inside a PeftModel or a tuner)."""
