@@ -10,7 +10,10 @@ before A and B move:
   ``w± = w ± ε v``, ``v = ∇_{w'} L_val(w', β)``, ``ε = fd_epsilon / ‖v‖``; the training batch is
   the one of the latest training forward pass;
 
-then β takes one Adam step (moments kept in buffers). The held-out data comes from one object,
+then β takes one Adam step (moments kept in buffers). Under ``torch.distributed`` (DDP) ``v`` and
+``g_β`` are averaged over the replicas first (each may hold its own held-out shard), so every replica
+takes the same β step — the one a single process takes on the concatenated batches. FSDP is refused
+(the passes would run on sharded A/B). The held-out data comes from one object,
 :class:`AutoLoraSearch`; a search step without it raises instead of silently training plain LoRA.
 """
 
@@ -25,6 +28,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..base_tuner import adapted_root
+from ..replicas import fsdp_kind, replica_reduce
 from .layer import AutoLoraLayer
 
 SEARCH_ATTR = "_autolora_search"
@@ -130,6 +134,13 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     layers = _searching_layers(root)
     if not layers:
         return
+    sharding = fsdp_kind(layers[0][0]._store("A")[layers[0][1]])
+    if sharding is not None:
+        raise RuntimeError(
+            f"AutoLoRA search phase under {sharding} is not supported: the bi-level step runs its own "
+            "held-out and look-ahead passes outside FSDP's forward, on sharded A/B. Train the search phase with "
+            "DistributedDataParallel (or one process); the selected LoRA retrain can use FSDP."
+        )
     search = getattr(root, SEARCH_ATTR, None)
     if search is None:
         raise RuntimeError(
@@ -152,6 +163,9 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
                 grads = torch.autograd.grad(_loss(root, (), val), betas, allow_unused=True)
             else:
                 grads = _second_order(root, optimizer, config, weights, betas, val)
+            # Data parallel: each replica saw its own held-out (and training) batch; the mean is the
+            # hypergradient of the concatenated batches, so every replica takes the same β step.
+            grads = replica_reduce(list(grads))
     finally:
         object.__setattr__(root, BUSY_ATTR, False)
         for (layer, a), beta in zip(layers, originals):
@@ -182,6 +196,7 @@ def _second_order(root, optimizer, config, weights, betas, val):
         grads = torch.autograd.grad(_loss(root, (), val), betas + weights, allow_unused=True)
         g_val = grads[: len(betas)]
         v = [torch.zeros_like(w) if g is None else g for g, w in zip(grads[len(betas):], weights)]
+        v = replica_reduce(v)  # the held-out gradient of all replicas' batches: the same w± everywhere
         eps = config.fd_epsilon / torch.cat([x.flatten() for x in v]).norm().clamp_min(1e-12)
         fd = []
         for sign in (1.0, -1.0):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..base_tuner import adapted_root
+from ..replicas import fsdp_kind
 from .config import budget_count
 from .layer import FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active
 from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
@@ -219,6 +220,13 @@ def pre_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         config = _config(cands)
         state = read_state(cands)
         if in_window(cands, config, state):
+            sharding = fsdp_kind(cands[0].a)
+            if sharding is not None:
+                raise RuntimeError(
+                    f"HeteroLoRA scoring window under {sharding} is not supported: proxy scoring needs "
+                    "the gradients of whole, unsharded A/B. Use DistributedDataParallel, or allocate before "
+                    "sharding (heterolora_score(model, batches), or proxy='constant') with mode='static'."
+                )
             if state[N_ALLOC] == 0:
                 # First window: every candidate was on in this step's forward, so its gradients are the proxy's.
                 grads = [(c.a.grad, c.b.grad) for c in cands]

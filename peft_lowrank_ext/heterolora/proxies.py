@@ -37,6 +37,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..replicas import replica_reduce
 from .layer import HeteroLoraLayer
 
 BUSY_ATTR = "_heterolora_busy"
@@ -168,7 +169,9 @@ def loss_grads(root: nn.Module, batch: Batch, cands: list[Candidate]):
             if "heckpoint" not in str(err):
                 raise
             grads = _grads_by_backward(root, batch, params)
-    return _pairs(grads, cands)
+    # Data parallel: the replica's own batch only; the mean over replicas is the gradient of the
+    # concatenated batches (mean loss), so re-scoring matches one process and every replica agrees.
+    return _pairs(replica_reduce(list(grads)), cands)
 
 
 def _grads_by_backward(root: nn.Module, batch: Batch, params: list[torch.Tensor]):
@@ -223,7 +226,8 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate]) -> tor
                 torch.enable_grad():
             out = root(*batch[0], **batch[1])
             total = _logits(out).float().sum()
-            grads = _pairs(torch.autograd.grad(total, params, allow_unused=True), cands)
+            # R sums over the batch, so the sum over replicas is R of the concatenated batches.
+            grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum"), cands)
     finally:
         if handle is not None:
             handle.remove()
@@ -235,11 +239,16 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate]) -> tor
 
 
 # ----- alpha test -------------------------------------------------------------------------------
+def _replica_loss(root: nn.Module, batch: Batch) -> float:
+    """The loss averaged over data-parallel replicas, so all of them run the same binary search."""
+    return float(replica_reduce([_loss(root, batch).detach()])[0])
+
+
 @torch.no_grad()
 def alpha_test_scores(root: nn.Module, batch: Batch, cands: list[Candidate], tolerance: float) -> torch.Tensor:
     scores = []
     with all_switched_on(cands), scoring_pass(root, training=False):
-        base = float(_loss(root, batch))
+        base = _replica_loss(root, batch)
         limit = base + tolerance * abs(base)
         for c in cands:
             scale = c.layer.__dict__.setdefault("_hetero_output_scale", {})
@@ -248,7 +257,7 @@ def alpha_test_scores(root: nn.Module, batch: Batch, cands: list[Candidate], tol
                 while lo < hi:
                     mid = (lo + hi) // 2
                     scale[c.adapter] = mid / 10
-                    if float(_loss(root, batch)) > limit:
+                    if _replica_loss(root, batch) > limit:
                         lo = mid + 1
                     else:
                         hi = mid

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..replicas import fsdp_kind, is_sharded
 from ..gated.layer import GatedLinear, GatedLoraLayer
 from .pruning import prune_mask, scheduled_sparsity
 
@@ -86,7 +87,15 @@ class PriLoraLayer(GatedLoraLayer):
         config = self._store("config")[adapter_name]
         step = int(self._store("step")[adapter_name]) if step is None else step
         mask = self._store("element_mask")[adapter_name]
-        new = prune_mask(self._store("A")[adapter_name], self._store("in_sq_ema")[adapter_name], mask,
+        lora_a = self._store("A")[adapter_name]
+        if is_sharded(lora_a):  # FSDP2 shard (DTensor): decide on the whole A, the same on every rank
+            lora_a = lora_a.full_tensor()
+        elif fsdp_kind(lora_a) is not None:
+            raise RuntimeError(
+                f"PRILoRA pruning under {fsdp_kind(lora_a)} is not supported: outside forward each rank holds a "
+                "flat slice of A, not its rows. Use DistributedDataParallel or FSDP2 (fully_shard)."
+            )
+        new = prune_mask(lora_a, self._store("in_sq_ema")[adapter_name], mask,
                          scheduled_sparsity(config, step), config.regrow)
         mask.copy_(new)
 

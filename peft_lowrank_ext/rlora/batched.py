@@ -15,6 +15,7 @@ from torch import nn
 from collections import defaultdict
 
 from ..kernels.fastfood import StackedFastfood
+from ..replicas import fsdp_kind
 from .layer import RLoraLayer
 
 _HANDLE_ATTR = "_rlr_batched_projection_handle"
@@ -27,6 +28,8 @@ def _active_jobs(layers: list[RLoraLayer]):
             continue
         for adapter in module.active_adapters:
             if adapter in module.rlr_z and module.rlr_config[adapter].batch_projection and not module.uses_noise(adapter):
+                if fsdp_kind(module.rlr_z[adapter]) is not None:  # FSDP: z is gathered only in its block's forward
+                    continue
                 yield module, adapter
 
 

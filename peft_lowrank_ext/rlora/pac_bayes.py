@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from ..replicas import fsdp_kind
 from ..step_hooks import register_step_callbacks
 from .layer import RLoraLayer
 
@@ -104,6 +105,12 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
         ]
         if not params:
             continue
+        if any(fsdp_kind(p) == "FSDP1 (FullyShardedDataParallel)" for p in params):
+            raise RuntimeError(
+                "RLoRA PAC-Bayes regularizer (pac_bayes_weight > 0) under FSDP1 (FullyShardedDataParallel) is not "
+                "supported: outside forward each rank holds a flat slice of z, so the bound would use a partial "
+                "KL. Use DistributedDataParallel or FSDP2 (fully_shard), or pac_bayes_weight=0."
+            )
         with torch.enable_grad():
             terms = pac_bayes_terms(model, adapter_name)
             grads = torch.autograd.grad(terms["regularizer"], params, allow_unused=True)

@@ -1,0 +1,68 @@
+"""Averaging over data-parallel replicas for the quantities a method computes outside DDP's backward.
+
+DDP averages the gradients of the loss it sees. The extra passes some methods run by themselves —
+AutoLoRA's held-out hypergradient, HeteroLoRA's re-scoring passes — see only the replica's own
+batch, so without help every replica would take its own decision (β, allocation). Reducing their
+results over the replicas (one collective) gives every replica the same value, and for mean losses
+over equal-sized local batches it is the value one process computes on the concatenated batches.
+Outside ``torch.distributed`` (or with one process) everything is returned unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def world_size() -> int:
+    """Number of replicas (1 when ``torch.distributed`` is not initialised)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor, e.g. an FSDP2 (``fully_shard``) parameter shard outside forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def fsdp_kind(tensor: torch.Tensor) -> Optional[str]:
+    """Which FSDP manages parameter ``tensor``, for error messages: FSDP2 (a DTensor shard), FSDP1
+    (an original parameter flattened into a ``FlatParameter``, a 1-D view of the local shard outside
+    forward), or None."""
+    if is_sharded(tensor):
+        return "FSDP2 (fully_shard)"
+    if getattr(tensor, "_fsdp_flattened", False):  # set by FSDP1 on the parameters it flattens
+        return "FSDP1 (FullyShardedDataParallel)"
+    return None
+
+
+def replica_reduce(tensors: list[Optional[torch.Tensor]], op: str = "mean") -> list[Optional[torch.Tensor]]:
+    """Sum or mean (``op``) of each tensor over all replicas, in one all-reduce; ``None`` entries stay ``None``.
+
+    Every replica must call this with tensors of the same shapes in the same order (as DDP does for
+    its gradient buckets). The reduction runs in float64 and the results keep their dtype.
+    """
+    if op not in ("mean", "sum"):
+        raise ValueError(f"op={op!r} is not allowed; use 'mean' or 'sum'")
+    world = world_size()
+    present = [t for t in tensors if t is not None]
+    if world == 1 or not present:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in present])
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    if op == "mean":
+        flat /= world
+    out, start = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[start:start + t.numel()].reshape(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
