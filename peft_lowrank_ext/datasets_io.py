@@ -1,4 +1,4 @@
-"""Load text-classification data: the bundled review set or local CSV/TSV/JSON/JSONL/Parquet files.
+"""Load text data: the bundled review set, local CSV/TSV/JSON/JSONL/Parquet files, or a hub data set.
 
 Everything goes through the Hugging Face ``datasets`` library and works offline. The returned
 datasets always have exactly two columns, ``text`` (str) and ``label`` (int in ``0..K-1``),
@@ -121,6 +121,73 @@ def _limit(ds: datasets.Dataset, n: int | None, arg: str) -> datasets.Dataset:
     return ds.select(range(min(n, len(ds))))
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _hub_offline() -> bool:
+    import os
+
+    return any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"}
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def load_hub_dataset(name: str, subset: str | None, split_train: str, split_eval: str | None):
+    """The training and (optionally) evaluation split of a hub data set or a local data-set folder.
+
+    Any failure to fetch becomes one ``ValueError`` line naming ``--dataset`` (offline use included),
+    and a missing split names ``--split-train``/``--split-eval`` with the splits that exist.
+    """
+    what = repr(name) + (f" (subset {subset!r})" if subset else "")
+    try:
+        dsd = datasets.load_dataset(name, subset)
+    except Exception as e:  # network, missing data set, bad subset: many exception types
+        if _hub_offline() or isinstance(e, ConnectionError):
+            reason = ("the Hugging Face Hub cannot be reached (offline: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is "
+                      "set or there is no network) and it is not in the local cache")
+        else:
+            reason = _first_line(e)
+        raise ValueError(f"{_argname('dataset')}: cannot load {what}: {reason}; for local files use "
+                         f"--train-file/--eval-file") from None
+    if not isinstance(dsd, datasets.DatasetDict):
+        dsd = datasets.DatasetDict({"train": dsd})
+    splits = list(dsd)
+    for split, arg in ((split_train, "split_train"), (split_eval, "split_eval")):
+        if split is not None and split not in dsd:
+            raise ValueError(f"{_argname(arg)}: split {split!r} not found in {what}; allowed: {', '.join(splits)}")
+    return dsd[split_train], (dsd[split_eval] if split_eval is not None else None)
+
+
+def _raw_splits(train_file, eval_file, dataset, subset, split_train, split_eval):
+    """``(train, eval or None, source)`` before any column handling; ``None`` train = bundled data."""
+    if dataset is not None:
+        if train_file is not None or eval_file is not None:
+            raise ValueError(f"{_argname('dataset')} cannot be combined with --train-file/--eval-file; give one source")
+        train, evald = load_hub_dataset(dataset, subset, split_train, split_eval)
+        return train, evald, f"{dataset}" + (f"/{subset}" if subset else "") + f" [{split_train}" + (
+            f", {split_eval}]" if split_eval else "]")
+    if subset is not None:
+        raise ValueError(f"{_argname('subset')} needs {_argname('dataset')} as well")
+    if eval_file is not None and train_file is None:
+        raise ValueError(f"{_argname('eval_file')} needs {_argname('train_file')} as well")
+    if train_file is None:
+        return None, None, "bundled review-sentiment data"
+    train = load_table(train_file, "train_file")
+    if eval_file is not None:
+        return train, load_table(eval_file, "eval_file"), f"{train_file} + {eval_file}"
+    return train, None, str(train_file)
+
+
+def _hold_out(train: datasets.Dataset, eval_fraction: float, seed: int, source: str):
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"{_argname('eval_fraction')}: must be in (0, 1), got {eval_fraction}")
+    if len(train) < 2:
+        raise ValueError(f"{_argname('train_file')}: needs at least 2 rows to hold some out for evaluation")
+    split = train.train_test_split(test_size=eval_fraction, seed=seed)
+    return split["train"], split["test"], f"{source} (held out {eval_fraction:.0%} for evaluation)"
+
+
 def load_text_classification(
     train_file: str | Path | None = None,
     eval_file: str | Path | None = None,
@@ -131,35 +198,35 @@ def load_text_classification(
     seed: int = 0,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    dataset: str | None = None,
+    subset: str | None = None,
+    split_train: str = "train",
+    split_eval: str | None = "validation",
 ) -> TextClassificationData:
     """Load the training and evaluation splits.
 
     * No files: the bundled review-sentiment set (``peft_lowrank_ext/data/{train,eval}.csv``).
     * ``train_file`` and ``eval_file``: those files.
     * Only ``train_file``: a seeded ``eval_fraction`` of it is held out for evaluation.
+    * ``dataset`` (a hub name or a local data-set folder, optional ``subset``): its ``split_train``
+      and ``split_eval`` splits via ``datasets.load_dataset``; ``split_eval=None`` holds out
+      ``eval_fraction`` of the training split.
 
     The number of labels is ``max(train labels) + 1``; there must be at least two, and every
     evaluation label must be below it.
     """
-    if eval_file is not None and train_file is None:
-        raise ValueError(f"{_argname('eval_file')} needs {_argname('train_file')} as well")
-    if train_file is None:
-        source = "bundled review-sentiment data"
+    train_raw, eval_raw, source = _raw_splits(train_file, eval_file, dataset, subset, split_train, split_eval)
+    if train_raw is None:
         train = _normalise(load_table(TRAIN_CSV, "train_file"), TEXT, LABEL, "train_file")
         evald = _normalise(load_table(EVAL_CSV, "eval_file"), TEXT, LABEL, "eval_file")
     else:
-        train = _normalise(load_table(train_file, "train_file"), text_column, label_column, "train_file")
-        if eval_file is not None:
-            source = f"{train_file} + {eval_file}"
-            evald = _normalise(load_table(eval_file, "eval_file"), text_column, label_column, "eval_file")
+        train_arg = "dataset" if dataset is not None else "train_file"
+        eval_arg = "dataset" if dataset is not None else "eval_file"
+        train = _normalise(train_raw, text_column, label_column, train_arg)
+        if eval_raw is not None:
+            evald = _normalise(eval_raw, text_column, label_column, eval_arg)
         else:
-            if not 0.0 < eval_fraction < 1.0:
-                raise ValueError(f"{_argname('eval_fraction')}: must be in (0, 1), got {eval_fraction}")
-            if len(train) < 2:
-                raise ValueError(f"{_argname('train_file')}: needs at least 2 rows to hold some out for evaluation")
-            source = f"{train_file} (held out {eval_fraction:.0%} for evaluation)"
-            split = train.train_test_split(test_size=eval_fraction, seed=seed)
-            train, evald = split["train"], split["test"]
+            train, evald, source = _hold_out(train, eval_fraction, seed, source)
 
     train = _limit(train, max_train_samples, "max_train_samples")
     evald = _limit(evald, max_eval_samples, "max_eval_samples")
@@ -178,4 +245,60 @@ def load_text_classification(
     return TextClassificationData(train=train, eval=evald, num_labels=num_labels, source=source)
 
 
-__all__ = ["FORMATS", "TextClassificationData", "load_table", "load_text_classification"]
+@dataclass
+class TextCorpus:
+    """Training and evaluation texts (one column ``text``) for causal-LM fine-tuning."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    source: str
+
+    def describe(self) -> str:
+        return f"{self.source}: {len(self.train)} training / {len(self.eval)} evaluation texts"
+
+
+def _texts_only(ds: datasets.Dataset, text_column: str, arg: str) -> datasets.Dataset:
+    if len(ds) == 0:
+        raise ValueError(f"{_argname(arg)}: the data set is empty (0 rows)")
+    if text_column not in ds.column_names:
+        raise ValueError(f"{_argname('text_column')}: causal-LM fine-tuning needs a text column; {text_column!r} "
+                         f"not found in {_argname(arg)} data; available columns: {list(ds.column_names)}")
+    ds = ds.select_columns([text_column])
+    for i, t in enumerate(ds[text_column]):
+        if not isinstance(t, str):
+            raise ValueError(f"{_argname('text_column')}: column {text_column!r} of {_argname(arg)} must hold "
+                             f"strings; row {i} holds {t!r} ({type(t).__name__})")
+    return ds.rename_column(text_column, TEXT) if text_column != TEXT else ds
+
+
+def load_text_corpus(
+    train_file: str | Path | None = None,
+    eval_file: str | Path | None = None,
+    text_column: str = TEXT,
+    *,
+    eval_fraction: float = 0.2,
+    seed: int = 0,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    dataset: str | None = None,
+    subset: str | None = None,
+    split_train: str = "train",
+    split_eval: str | None = "validation",
+) -> TextCorpus:
+    """Texts for causal-LM fine-tuning from the same sources as :func:`load_text_classification`."""
+    train_raw, eval_raw, source = _raw_splits(train_file, eval_file, dataset, subset, split_train, split_eval)
+    if train_raw is None:
+        train = _texts_only(load_table(TRAIN_CSV, "train_file"), TEXT, "train_file")
+        evald = _texts_only(load_table(EVAL_CSV, "eval_file"), TEXT, "eval_file")
+    else:
+        train = _texts_only(train_raw, text_column, "dataset" if dataset is not None else "train_file")
+        if eval_raw is not None:
+            evald = _texts_only(eval_raw, text_column, "dataset" if dataset is not None else "eval_file")
+        else:
+            train, evald, source = _hold_out(train, eval_fraction, seed, source)
+    return TextCorpus(train=_limit(train, max_train_samples, "max_train_samples"),
+                      eval=_limit(evald, max_eval_samples, "max_eval_samples"), source=source)
+
+
+__all__ = ["FORMATS", "TextClassificationData", "TextCorpus", "load_hub_dataset", "load_table",
+           "load_text_classification", "load_text_corpus"]

@@ -119,6 +119,7 @@ class TrainResult:
     peak_rss_bytes: int | None = None
     adapter_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, training loss)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,8 +136,26 @@ def set_seed(seed: int) -> None:
         pass
 
 
+def reset_peak_rss() -> bool:
+    """Restart the resident-memory high-water mark (Linux ``clear_refs``), so that the next
+    :func:`peak_rss_bytes` measures one run rather than everything since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int | None:
     """High-water mark of this process's resident memory, or ``None`` where unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -195,8 +214,7 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, num_labels: int):
                 path, num_labels=num_labels, ignore_mismatched_sizes=True
             )
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"model (--model): cannot load a sequence-classification model and tokenizer from "
-                         f"{path!r} (a local model folder is needed offline): {e}") from e
+        raise model_load_error(path, "a sequence-classification model and tokenizer", e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if tokenizer.pad_token is None:
@@ -204,6 +222,18 @@ def load_model_and_tokenizer(model: str | os.PathLike | None, num_labels: int):
     if net.config.pad_token_id is None:
         net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer
+
+
+def model_load_error(path: str, what: str, error: BaseException) -> ValueError:
+    """One clear line for a model that cannot be loaded: a missing folder, or a hub id while offline."""
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    if not Path(path).exists():
+        hint = ("it is not a local folder, and as a hub id it could not be fetched (offline or unknown id: "
+                f"{reason})")
+    else:
+        hint = reason
+    return ValueError(f"model (--model): cannot load {what} from {path!r}: {hint}")
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
@@ -339,6 +369,7 @@ def fit(
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup = int(config.warmup_ratio * total_steps)
 
+    reset_peak_rss()  # peak memory of this run only (the model is already resident)
     initial_acc = None
     if evaluate_before:
         initial_acc, _ = evaluate(peft_model, tokenizer, eval_rows, config.eval_batch_size)
@@ -355,6 +386,7 @@ def fit(
     peft_model.train()
     step_times: list[float] = []
     recent: list[float] = []
+    curve: list[tuple[int, float]] = []
     last_loss = float("nan")
     step = 0
     t_start = time.perf_counter()
@@ -375,6 +407,7 @@ def fit(
             step_times.append(time.perf_counter() - t0)
             step += 1
             recent.append(loss.item())
+            curve.append((step, recent[-1]))
             if len(recent) >= config.log_every or step == total_steps:
                 last_loss = sum(recent) / len(recent)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
@@ -416,7 +449,7 @@ def fit(
             adapter_bytes = (Path(tmp) / ADAPTER_FILE).stat().st_size
         adapter_dir = None
 
-    return TrainResult(
+    result = TrainResult(
         method=method,
         accuracy=accuracy,
         eval_loss=eval_loss,
@@ -436,7 +469,10 @@ def fit(
         peak_rss_bytes=peak_rss_bytes(),
         adapter_dir=adapter_dir,
         extra=extra,
+        loss_curve=curve,
     )
+    result.peft_model = peft_model  # not a field: kept out of to_dict(), for push_to_hub and rank reports
+    return result
 
 
 __all__ = [
@@ -450,7 +486,9 @@ __all__ = [
     "load_model_and_tokenizer",
     "optimizer_state_bytes",
     "packaged_model_path",
+    "model_load_error",
     "peak_rss_bytes",
+    "reset_peak_rss",
     "resolve_model_path",
     "train_classifier",
 ]
