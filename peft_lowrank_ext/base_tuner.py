@@ -28,6 +28,21 @@ class LowRankTuner(BaseTuner):
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(weight.device)
 
+    def _check_new_adapter_config(self, config) -> None:
+        """PEFT's checks, then refuse DeepSpeed ZeRO, under which this package's per-step work never runs.
+
+        ZeRO steps its own flattened parameter copies, so the optimizer-step hooks that carry the
+        PAC-Bayes gradient, AutoLoRA's β step, PRILoRA's pruning and HeteroLoRA's allocation would be
+        skipped without any error. Refusing at wrap time is the honest alternative.
+        """
+        super()._check_new_adapter_config(config)
+        if deepspeed_active():
+            raise NotImplementedError(
+                f"{type(config).__name__}: DeepSpeed ZeRO is active (a DeepSpeed config was given to "
+                "TrainingArguments/accelerate), which this package does not support; use DDP or, where "
+                "the README's support table says so, FSDP2."
+            )
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """PEFT's remapping, then refuse a weights file that lacks any of this method's tensors (``integrity``)."""
@@ -36,6 +51,15 @@ class LowRankTuner(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_loaded_adapter_keys(model, cls, config, adapter_name, remapped)
         return remapped
+
+
+def deepspeed_active() -> bool:
+    """Whether transformers holds a live DeepSpeed config (set by ``TrainingArguments(deepspeed=...)``)."""
+    try:
+        from transformers.integrations.deepspeed import deepspeed_config
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return False
+    return deepspeed_config() is not None
 
 
 def adapted_root(model: nn.Module) -> nn.Module:
