@@ -15,18 +15,39 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _fail(owner: str, field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{owner}.{field}={value!r} is not allowed; {field} must be {allowed}.")
 
 
-def check_int(owner: str, field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> None:
-    """An integer within ``[minimum, maximum]`` (either bound optional)."""
-    lo = "-inf" if minimum is None else str(minimum)
-    hi = "inf" if maximum is None else str(maximum)
-    if not _is_int(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+# Largest integer any config field accepts: counts and steps end up in int64 buffers, with room for step arithmetic.
+MAX_INT = 2**62
+# Largest rank: wider than any model's hidden size; larger values only exhaust memory at wrap time.
+MAX_RANK = 2**16
+
+
+def check_int(
+    owner: str, field: str, value: Any, *, minimum: int | None = None, maximum: int | None = None, cap: int = MAX_INT
+) -> None:
+    """An integer within ``[minimum, maximum]`` (either bound optional) and at most ``cap``.
+
+    ``cap`` is a sanity limit far beyond real use (int64 buffers, memory); the message names it
+    only to values above it, so ordinary mistakes read "an integer in [1, inf]".
+    """
+    upper = cap if maximum is None else min(maximum, cap)
+    if not _is_int(value) or (minimum is not None and value < minimum) or value > upper:
+        lo = "-inf" if minimum is None else str(minimum)
+        if maximum is not None:
+            hi = str(maximum)
+        else:
+            hi = str(cap) if _is_int(value) and value > cap else "inf"
         _fail(owner, field, value, f"an integer in [{lo}, {hi}]")
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
+from ._shared_fields import check_shared_fields
 from ._validation import check_choice, check_real
 
 
@@ -51,6 +53,12 @@ class LowRankPeftConfig(PeftConfig):
         metadata={"help": "True starts the adapter as a no-op (the adapted model equals the base model)."},
     )
 
+    def __post_init__(self):
+        # Checked before PEFT's own check, whose message does not name the field.
+        if self.task_type is not None:
+            check_choice(type(self).__name__, "task_type", self.task_type, [t.value for t in TaskType])
+        super().__post_init__()
+
     def _check_lora_fields(self, owner: str) -> None:
         """Targeting plus the ``lora_alpha`` / ``lora_dropout`` every method config declares."""
         self._check_targeting(owner)
@@ -58,15 +66,16 @@ class LowRankPeftConfig(PeftConfig):
         check_real(owner, "lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
 
     def _check_targeting(self, owner: str) -> None:
+        check_shared_fields(self, owner)
         check_choice(owner, "bias", self.bias, ("none",))
         if self.target_parameters:
             raise ValueError(
                 f"{owner}.target_parameters={self.target_parameters!r} is not allowed; it must be None "
                 "(these methods adapt nn.Linear and Conv1D modules chosen by target_modules)."
             )
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(

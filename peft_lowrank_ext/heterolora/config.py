@@ -8,13 +8,14 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._validation import check_choice, check_int, check_real
+from .._validation import MAX_RANK, check_choice, check_int, check_real
 from ..base_config import LowRankPeftConfig
 
 SHORTCUT_KINDS = ("residual_1", "residual_2", "shortcut_sa", "shortcut_ffn")
 PROXIES = ("constant", "grad_norm", "snip", "synflow", "alpha_test")
 MODES = ("static", "dynamic")
 RANKINGS = ("combined", "separated")
+MAX_HISTORY = 2**16  # three int64/fp32 buffers of this length per candidate module
 
 
 @dataclass
@@ -93,8 +94,8 @@ class HeteroLoraConfig(LowRankPeftConfig):
         self.peft_type = PeftType.HETEROLORA
         owner = type(self).__name__
         self._check_lora_fields(owner)
-        check_int(owner, "r", self.r, minimum=1)
-        check_int(owner, "shortcut_r", self.shortcut_r, minimum=1)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
+        check_int(owner, "shortcut_r", self.shortcut_r, minimum=1, cap=MAX_RANK)
         check_real(owner, "shortcut_alpha", self.shortcut_alpha, low=0.0, low_open=True)
         self.shortcuts = _check_shortcuts(owner, self.shortcuts)
         check_real(owner, "budget", self.budget, low=0.0, high=1.0, low_open=True)
@@ -105,7 +106,7 @@ class HeteroLoraConfig(LowRankPeftConfig):
         check_choice(owner, "ranking", self.ranking, RANKINGS)
         check_real(owner, "alpha_test_tolerance", self.alpha_test_tolerance, low=0.0, low_open=True)
         check_int(owner, "seed", self.seed, minimum=0)
-        check_int(owner, "history_size", self.history_size, minimum=1)
+        check_int(owner, "history_size", self.history_size, minimum=1, cap=MAX_HISTORY)
 
 
 def _check_shortcuts(owner: str, value) -> list[str]:

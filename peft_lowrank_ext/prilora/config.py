@@ -8,7 +8,7 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._validation import _fail, check_bool, check_choice, check_int, check_real
+from .._validation import MAX_RANK, _fail, check_bool, check_choice, check_int, check_real
 from ..base_config import LowRankPeftConfig
 from .depth import linear_ranks
 
@@ -96,7 +96,10 @@ class PriLoraConfig(LowRankPeftConfig):
         check_real(owner, "ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
         check_int(owner, "prune_every", self.prune_every, minimum=1)
         check_int(owner, "prune_start", self.prune_start, minimum=0)
-        check_int(owner, "prune_end", self.prune_end, minimum=self.prune_start)
+        check_int(owner, "prune_end", self.prune_end, minimum=0)
+        if self.prune_end < self.prune_start:
+            _fail(owner, "prune_end", self.prune_end,
+                  f"an integer in [{self.prune_start}, inf] (prune_end >= prune_start)")
         check_real(owner, "final_sparsity", self.final_sparsity, low=0.0, high=1.0, high_open=True)
         check_choice(owner, "sparsity_schedule", self.sparsity_schedule, SCHEDULES)
         check_bool(owner, "regrow", self.regrow)
@@ -105,7 +108,7 @@ class PriLoraConfig(LowRankPeftConfig):
         """Exactly one way of giving the ranks; afterwards all four fields are filled and consistent."""
         for name in ("r_first", "r_last", "r_mean"):
             if getattr(self, name) is not None:
-                check_int(owner, name, getattr(self, name), minimum=1)
+                check_int(owner, name, getattr(self, name), minimum=1, cap=MAX_RANK)
         if self.r_mean is None:
             if self.r_spread is not None:
                 _fail(owner, "r_spread", self.r_spread, "None unless r_mean is given (or use r_first/r_last)")

@@ -7,7 +7,7 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._validation import check_bool, check_choice, check_int, check_real
+from .._validation import MAX_RANK, _fail, check_bool, check_choice, check_int, check_real
 from ..base_config import LowRankPeftConfig
 from .projection import PROJECTION_VERSION, projection_fingerprint
 
@@ -74,7 +74,7 @@ class RLoraConfig(LowRankPeftConfig):
         self.peft_type = PeftType.RLORA
         owner = type(self).__name__
         self._check_lora_fields(owner)
-        check_int(owner, "r", self.r, minimum=1)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
         if (self.intrinsic_dim is None) == (self.projection_ratio is None):
             raise ValueError(
                 f"{owner}: intrinsic_dim={self.intrinsic_dim!r} and projection_ratio={self.projection_ratio!r} is not "
@@ -88,7 +88,10 @@ class RLoraConfig(LowRankPeftConfig):
         check_bool(owner, "learnable_scale", self.learnable_scale)
         check_real(owner, "pac_bayes_weight", self.pac_bayes_weight, low=0.0)
         check_choice(owner, "pac_bayes_bound", self.pac_bayes_bound, PAC_BAYES_BOUNDS)
-        if self.pac_bayes_weight > 0 or self.num_train_examples is not None:
+        if self.pac_bayes_weight > 0 and self.num_train_examples is None:
+            _fail(owner, "num_train_examples", None,
+                  f"the training-set size (an integer >= 1) when pac_bayes_weight={self.pac_bayes_weight!r} > 0")
+        if self.num_train_examples is not None:
             check_int(owner, "num_train_examples", self.num_train_examples, minimum=1)
         check_real(owner, "pac_bayes_delta", self.pac_bayes_delta, low=0.0, high=1.0, low_open=True, high_open=True)
         check_real(owner, "prior_sigma", self.prior_sigma, low=0.0, low_open=True)

@@ -32,6 +32,17 @@ def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def _in_reentrant_recompute() -> bool:
+    """True in a reentrant gradient-checkpointing recompute: inside a backward pass, with no saved-tensor hooks.
+
+    A non-reentrant recompute also runs inside the backward pass, but under checkpoint's saved-tensor
+    hooks; it must reuse the grouped factors so that its saved tensors match the forward pass.
+    """
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        return False
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
 class RLoraLayer(AdditiveAdapterLayer):
     """Holds, per adapter, the trainable ``z`` and the regenerated projection that maps it to (A, B)."""
 
@@ -133,13 +144,17 @@ class RLoraLayer(AdditiveAdapterLayer):
 
         With autograd on, factors generated for the whole model at the start of the forward pass
         (see ``batched.py``) are used if present; they stay until the next forward pass so that a
-        gradient-checkpointing recompute sees the very same tensors. Without autograd (inference, generation)
+        non-reentrant gradient-checkpointing recompute sees the very same tensors. A *reentrant*
+        recompute regenerates this layer's factors on its own: the grouped factors share one graph,
+        which it would otherwise backpropagate once per checkpointed segment ("backward through the
+        graph a second time"). Without autograd (inference, generation)
         they are cached until z or the scale changes, so decoding does not regenerate them per token.
         """
         scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
         if torch.is_grad_enabled() or self.uses_noise(adapter_name):
             pending = self._rlr_pending.get(adapter_name)
-            if pending is not None and self._pending_is_current(adapter_name, pending[0]):
+            current = pending is not None and self._pending_is_current(adapter_name, pending[0])
+            if current and not _in_reentrant_recompute():
                 return pending[1]
             return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
         key = self._state_key(adapter_name)
