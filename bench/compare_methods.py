@@ -34,7 +34,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
@@ -74,13 +73,10 @@ def _status_kib(field: str) -> int | None:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's resident high-water mark (Linux ``clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset this process's resident high-water mark; False where unsupported (see ``training``)."""
+    from peft_lowrank_ext.training import reset_peak_rss as reset
+
+    return reset()
 
 
 def peak_rss_bytes() -> int | None:
@@ -476,34 +472,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # ----- driver ---------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
+from peft_lowrank_ext.arg_types import (  # noqa: E402
+    nonnegative_int as _nonnegative_int,
+    positive_float as _positive_float,
+    positive_int as _positive_int,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import tempfile
@@ -47,26 +46,7 @@ def simple_method_config(method: str, num_train: int, target_modules=("query", "
     raise ValueError(f"method={method!r} is not allowed; choose one of {SIMPLE_METHODS}")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse names the option in its error message)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+from peft_lowrank_ext.arg_types import positive_float, positive_int  # noqa: E402,F401  (argparse types)
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None = 2e-3, epochs: float = 3.0) -> None:
