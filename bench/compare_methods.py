@@ -61,32 +61,7 @@ HETERO_TARGETS = {("query", "value"): ["query", "key", "value", "attention.outpu
 
 
 # ----- machine and memory ---------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident high-water mark; False where unsupported (see ``training``)."""
-    from peft_lowrank_ext.training import reset_peak_rss as reset
-
-    return reset()
-
-
-def peak_rss_bytes() -> int | None:
-    """``VmHWM`` (since the last reset) or, without /proc, the process-lifetime peak."""
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    from peft_lowrank_ext.training import peak_rss_bytes as lifetime_peak
-
-    return lifetime_peak()
+from peft_lowrank_ext.training import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402,F401  (scaling.py too)
 
 
 def load_average() -> list[float] | None:

@@ -47,43 +47,8 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5)
 
 
-# ----- memory -------------------------------------------------------------------------------------
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-memory high-water mark (Linux); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int | None:
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    try:
-        import resource
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+# ----- memory: the package's own readers of /proc/self/status ------------------------------------------
+from peft_lowrank_ext.training import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 
 # ----- models -------------------------------------------------------------------------------------

@@ -171,8 +171,7 @@ def measure(model_name: str, method: str, r: int, args) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         for _ in range(args.warmup):
             step()
-        rss_before = compare._status_kib("VmRSS")
-        rss_before = rss_before * 1024 if rss_before is not None else None
+        rss_before = compare.rss_bytes()
         peak_with_build = compare.peak_rss_bytes()
         compare.reset_peak_rss()
         times = [step() for _ in range(args.timed_steps)]

@@ -35,7 +35,7 @@ from transformers import DataCollatorWithPadding, Trainer
 from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, autolora_select, retrain_lora_config, run_autolora
 from example_utils import (add_common_args, adamw_with_head_lr, accuracy, load_base, load_classification,
                            output_folder, positive_float, positive_int, quiet_hf_logging, trainable_parameters,
-                           training_arguments)
+                           training_arguments, train_with_trainer)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +78,7 @@ def step_by_step(args, base, tokenizer, train, out):
     lora_config = retrain_lora_config(search_model)
     fresh_base, _ = load_base(args, base.config.num_labels)
     retrained = get_peft_model(fresh_base, lora_config)
-    Trainer(model=retrained, args=training_arguments(args, out / "retrain"), train_dataset=train,
-            data_collator=collator, optimizers=(adamw_with_head_lr(retrained, args.lr, args.head_lr), None)).train()
+    train_with_trainer(retrained, tokenizer, train, args, out / "retrain")
     return retrained, ranks
 
 

@@ -23,7 +23,8 @@ import torch
 
 from peft_lowrank_ext import HeteroLoraConfig, PriLoraConfig, RLoraConfig
 from peft_lowrank_ext.datasets_io import load_text_classification
-from peft_lowrank_ext.training import load_model_and_tokenizer, resolve_model_path, set_seed
+from peft_lowrank_ext.training import (count_parameters, head_and_adapter_groups, load_model_and_tokenizer,
+                                       resolve_model_path, set_seed)
 
 
 #: Methods that train with a plain ``Trainer`` and no extra data (AutoLoRA needs held-out data).
@@ -135,25 +136,26 @@ def training_arguments(args: argparse.Namespace, output_dir: Path, **overrides):
 
 
 def adamw_with_head_lr(model: torch.nn.Module, lr: float, head_lr: float) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: the adapter at ``lr``, the new classification head at ``head_lr``.
+    """AdamW over the trainable parameters: the adapter at ``lr``, the new classification head at ``head_lr``."""
+    return torch.optim.AdamW(head_and_adapter_groups(model, lr, head_lr), lr=lr)
 
-    Methods with very few trainable numbers (RLoRA's ``z``) want a much larger learning rate than
-    the freshly initialised head, which PEFT trains as ``modules_to_save``.
-    """
-    adapter, head = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head if "modules_to_save" in name else adapter).append(param)
-    groups = [{"params": adapter, "lr": lr}]
-    if head:
-        groups.append({"params": head, "lr": head_lr})
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+def train_with_trainer(model: torch.nn.Module, tokenizer, train, args: argparse.Namespace, output_dir: Path,
+                       callbacks=None):
+    """Train ``model`` on the tokenized ``train`` rows with HF ``Trainer`` (padding collator, AdamW with
+    the head's own learning rate) and return the trainer, e.g. for :func:`accuracy`."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    trainer = Trainer(model=model, args=training_arguments(args, output_dir), train_dataset=train,
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks,
+                      optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
+    trainer.train()
+    return trainer
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts."""
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()))
+    return count_parameters(model)
 
 
 def accuracy(trainer, dataset) -> float:

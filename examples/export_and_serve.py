@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from transformers import DataCollatorWithPadding, Trainer
 
 from peft_lowrank_ext import export_lora
-from example_utils import (DEFAULT_LR, SIMPLE_METHODS, add_common_args, adamw_with_head_lr, accuracy,
+from example_utils import (DEFAULT_LR, SIMPLE_METHODS, add_common_args, accuracy,
                            load_classification, logits, output_folder, positive_int, quiet_hf_logging,
-                           require_same_logits, training_arguments, simple_method_config)
+                           require_same_logits, simple_method_config, train_with_trainer)
 
 SERVE_SCRIPT = Path(__file__).with_name("serve_exported_lora.py")
 
@@ -88,10 +87,7 @@ def main(argv=None) -> None:
     base, tokenizer, train, evald, data = load_classification(args)
     model = get_peft_model(base, simple_method_config(args.method, len(train)))
     with output_folder(args.output_dir) as out:
-        trainer = Trainer(model=model, args=training_arguments(args, out), train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer),
-                          optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
-        trainer.train()
+        trainer = train_with_trainer(model, tokenizer, train, args, out)
         print(f"accuracy: {accuracy(trainer, evald):.4f} on {len(evald)} evaluation rows")
 
         export_dir = out / f"{args.method}-as-lora"

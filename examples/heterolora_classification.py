@@ -29,12 +29,11 @@ import math
 import sys
 
 from peft import get_peft_model
-from transformers import DataCollatorWithPadding, Trainer
 
 from peft_lowrank_ext import HeteroLoraConfig, heterolora_allocation
-from example_utils import (add_common_args, adamw_with_head_lr, accuracy, load_base, load_classification,
+from example_utils import (add_common_args, accuracy, load_base, load_classification,
                            output_folder, positive_float, positive_int, quiet_hf_logging, trainable_parameters,
-                           training_arguments)
+                           train_with_trainer)
 
 SHORTCUTS = ["residual_1", "residual_2", "shortcut_sa", "shortcut_ffn"]
 PROXIES = ["grad_norm", "snip", "synflow", "alpha_test", "constant"]
@@ -69,10 +68,7 @@ def train_one(args, mode: str, base, tokenizer, train, evald, out, proxy_batches
                               proxy=args.proxy, proxy_batches=proxy_batches, mode=mode,
                               realloc_every=realloc_every, seed=args.seed)
     model = get_peft_model(base, config)
-    trainer = Trainer(model=model, args=training_arguments(args, out / mode), train_dataset=train,
-                      data_collator=DataCollatorWithPadding(tokenizer),
-                      optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
-    trainer.train()
+    trainer = train_with_trainer(model, tokenizer, train, args, out / mode)
     return model, accuracy(trainer, evald)
 
 

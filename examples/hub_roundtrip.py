@@ -35,12 +35,11 @@ import sys
 from pathlib import Path
 
 from peft import PeftModel, get_peft_model
-from transformers import DataCollatorWithPadding, Trainer
 
 import peft_lowrank_ext  # noqa: F401  registers the methods with PEFT: needed to load their adapters
-from example_utils import (DEFAULT_LR, SIMPLE_METHODS, add_common_args, adamw_with_head_lr, accuracy, load_base,
+from example_utils import (DEFAULT_LR, SIMPLE_METHODS, add_common_args, accuracy, load_base,
                            load_classification, logits, output_folder, quiet_hf_logging, require_same_logits,
-                           simple_method_config, training_arguments)
+                           simple_method_config, train_with_trainer)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,10 +93,7 @@ def main(argv=None) -> None:
     base, tokenizer, train, evald, data = load_classification(args)
     model = get_peft_model(base, simple_method_config(args.method, len(train)))
     with output_folder(args.output_dir) as out:
-        trainer = Trainer(model=model, args=training_arguments(args, out), train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer),
-                          optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
-        trainer.train()
+        trainer = train_with_trainer(model, tokenizer, train, args, out)
         print(f"accuracy: {accuracy(trainer, evald):.4f} on {len(evald)} evaluation rows")
     location = publish(model, args)
 

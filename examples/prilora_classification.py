@@ -30,11 +30,12 @@ import re
 import sys
 
 from peft import get_peft_model
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from peft_lowrank_ext import PriLoraConfig, prilora_ranks, prilora_sparsity, prilora_step
-from example_utils import (add_common_args, adamw_with_head_lr, accuracy, load_classification, output_folder,
-                           positive_int, quiet_hf_logging, trainable_parameters, training_arguments)
+from example_utils import (add_common_args, accuracy, load_classification, output_folder,
+                           positive_int, quiet_hf_logging, trainable_parameters,
+                           train_with_trainer)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,10 +117,7 @@ def main(argv=None) -> None:
         print(f"  rank {r:2d}  {name.removeprefix('base_model.model.')}")
 
     with output_folder(args.output_dir) as out:
-        trainer = Trainer(model=model, args=training_arguments(args, out), train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer), callbacks=[SparsityLog(model)],
-                          optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
-        trainer.train()
+        trainer = train_with_trainer(model, tokenizer, train, args, out, callbacks=[SparsityLog(model)])
         print("final sparsity per module (prilora_sparsity):")
         for name, s in prilora_sparsity(model).items():
             print(f"  sparsity {s:.4f}  {name.removeprefix('base_model.model.')}")

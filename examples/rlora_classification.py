@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 
 from peft import PeftModel, get_peft_model
-from transformers import DataCollatorWithPadding, Trainer
 
 from peft_lowrank_ext import RLoraConfig, pac_bayes_stats
-from example_utils import (add_common_args, adamw_with_head_lr, accuracy, load_base, load_classification, logits,
+from example_utils import (add_common_args, accuracy, load_base, load_classification, logits,
                            output_folder, positive_float, quiet_hf_logging, require_same_logits,
-                           trainable_parameters, training_arguments)
+                           trainable_parameters, train_with_trainer)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -60,10 +59,7 @@ def main(argv=None) -> None:
     print(f"trainable params: {trainable} of {total} ({100 * trainable / total:.3f}%)")
 
     with output_folder(args.output_dir) as out:
-        trainer = Trainer(model=model, args=training_arguments(args, out), train_dataset=train,
-                          data_collator=DataCollatorWithPadding(tokenizer),
-                          optimizers=(adamw_with_head_lr(model, args.lr, args.head_lr), None))
-        trainer.train()
+        trainer = train_with_trainer(model, tokenizer, train, args, out)
         print(f"accuracy: {accuracy(trainer, evald):.4f} on {len(evald)} evaluation rows")
         stats = pac_bayes_stats(model)
         print("pac-bayes: " + ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items()))

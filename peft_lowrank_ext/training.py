@@ -147,15 +147,28 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_bytes() -> int | None:
-    """High-water mark of this process's resident memory, or ``None`` where unavailable."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; ``None`` without /proc."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now, or ``None`` where unavailable."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+    """High-water mark of this process's resident memory, or ``None`` where unavailable."""
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
@@ -287,15 +300,19 @@ def evaluate(model: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], batc
     return correct / max(n, 1), loss_sum / max(n, 1)
 
 
-def _param_groups(model: torch.nn.Module, config: TrainingConfig) -> list[dict[str, Any]]:
-    """One group at ``lr`` for the adapter, and one at ``head_lr`` for PEFT's ``modules_to_save`` copies."""
+def head_and_adapter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer groups: the adapter at ``lr``, PEFT's ``modules_to_save`` copies (the new head) at ``head_lr``.
+
+    Methods with very few trainable numbers (RLoRA's ``z``) want a much larger learning rate than the
+    freshly initialised head.
+    """
     adapter, head = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (head if "modules_to_save" in name else adapter).append(p)
-    groups = [{"params": adapter, "lr": config.lr}]
+    groups = [{"params": adapter, "lr": lr}]
     if head:
-        groups.append({"params": head, "lr": config.head_lr if config.head_lr is not None else config.lr})
+        groups.append({"params": head, "lr": head_lr if head_lr is not None else lr})
     return [g for g in groups if g["params"]]
 
 
@@ -375,7 +392,8 @@ def fit(
         initial_acc, _ = evaluate(peft_model, tokenizer, eval_rows, config.eval_batch_size)
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(peft_model, config), lr=config.lr, weight_decay=config.weight_decay)
+    groups = head_and_adapter_groups(peft_model, config.lr, config.head_lr)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = linear_schedule(optimizer, warmup, total_steps)
     gen = torch.Generator().manual_seed(config.seed)
 

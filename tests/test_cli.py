@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from peft_lowrank_ext import cli
 from peft_lowrank_ext.cli_methods import METHODS
@@ -32,12 +31,7 @@ def assert_valid_png(path: Path) -> None:
     assert data[-8:-4] == b"IEND", path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -82,13 +82,7 @@ def save_tiny_bert(folder: Path, num_labels: int = 2) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and do not stall when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -364,11 +358,12 @@ def test_rlora_pac_bayes_term_acts_in_the_plain_loop(tiny_model, easy_data):
 def test_head_gets_its_own_learning_rate(tiny_model, easy_data):
     from peft import get_peft_model
 
-    from peft_lowrank_ext.training import _param_groups
+    from peft_lowrank_ext.training import head_and_adapter_groups
 
     net, _ = load_model_and_tokenizer(tiny_model, 2)
     model = get_peft_model(net, _lora())
-    groups = _param_groups(model, TrainingConfig(lr=1e-2, head_lr=1e-4))
+    config = TrainingConfig(lr=1e-2, head_lr=1e-4)
+    groups = head_and_adapter_groups(model, config.lr, config.head_lr)
     assert [g["lr"] for g in groups] == [1e-2, 1e-4]
     assert sum(p.numel() for p in groups[1]["params"]) == 32 * 2 + 2
     assert sum(p.numel() for g in groups for p in g["params"]) == count_parameters(model)[0]
