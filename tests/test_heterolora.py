@@ -645,3 +645,15 @@ def test_shortcut_allocation_in_training_and_unload():
     base = model.unload().eval()
     assert not any(isinstance(m, (HeteroShortcut, HeteroLoraLayer)) for m in base.modules())
     assert torch.equal(_logits(base, case.inputs()), _logits(case.build(), case.inputs()))
+
+
+def test_largest_allowed_seed_allocates():
+    """The tie-break generator's seed is derived from ``seed``; the largest seed the config allows must
+    not overflow torch's int64 seed (found by the property test)."""
+    from models import tiny_llama
+
+    config = HeteroLoraConfig(r=2, target_modules=["q_proj", "v_proj"], budget=0.5, proxy="constant",
+                              seed=2**62)
+    model = get_peft_model(tiny_llama(), config)
+    on = [layer.hetlr_module_on["default"].item() for layer in model.modules() if isinstance(layer, HeteroLoraLayer)]
+    assert len(on) > 0 and sum(on) == budget_count(0.5, len(on))

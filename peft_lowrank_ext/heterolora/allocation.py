@@ -128,7 +128,8 @@ def _replica_mean(values: torch.Tensor) -> torch.Tensor:
 
 def choose(scores: list[float], cands: list[Candidate], config, allocation_index: int) -> list[bool]:
     """Top ``k`` per ranking group by score; exact ties (and NaN, ranked last) broken by a seeded draw."""
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + allocation_index)
+    # Kept below 2**63: torch seeds are int64, and config.seed may be up to 2**62 (the integer-field cap).
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + allocation_index) % 2**63)
     on = [False] * len(cands)
     for group in _groups(cands, config.ranking):
         k = budget_count(config.budget, len(group))
