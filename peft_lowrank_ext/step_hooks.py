@@ -24,6 +24,9 @@ _CALLBACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[StepCallback |
     weakref.WeakKeyDictionary()
 )
 _HANDLES: list = []
+# Per model: ids of the optimizers that stepped in the current training step, and per optimizer id
+# whether its running step is the one that carries the callbacks.
+_ROUNDS: "weakref.WeakKeyDictionary[nn.Module, tuple[set[int], dict[int, bool]]]" = weakref.WeakKeyDictionary()
 
 
 def register_step_callbacks(
@@ -45,10 +48,38 @@ def unregister_step_callbacks(model: nn.Module, key: str) -> None:
             del _CALLBACKS[model]
 
 
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of the model's adapter layers (all trainable ones if it has none)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    seen: set[int] = set()
+    params = []
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return params or [p for p in model.parameters() if p.requires_grad]
+
+
 def optimizer_updates(optimizer: torch.optim.Optimizer, model: nn.Module) -> bool:
-    """Whether ``optimizer`` holds any trainable parameter of ``model``."""
+    """Whether ``optimizer`` holds any trainable adapter parameter of ``model``."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    return any(p.requires_grad and id(p) in held for p in model.parameters())
+    return any(id(p) in held for p in adapter_parameters(model))
+
+
+def _starts_training_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Called at an optimizer's pre-step: whether this step carries the model's per-step work."""
+    stepped, carries = _ROUNDS.setdefault(model, (set(), {}))
+    key = id(optimizer)
+    first = not stepped or key in stepped
+    if first:
+        stepped.clear()
+        carries.clear()
+    stepped.add(key)
+    carries[key] = first
+    return first
 
 
 def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
@@ -56,6 +87,12 @@ def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
         return
     for model, callbacks in list(_CALLBACKS.items()):
         active = [cb[which] for cb in callbacks.values() if cb[which] is not None]
-        if active and optimizer_updates(optimizer, model):
+        if not optimizer_updates(optimizer, model):
+            continue
+        if which == 0:
+            carries = _starts_training_step(model, optimizer)
+        else:
+            carries = _ROUNDS.get(model, (set(), {}))[1].get(id(optimizer), False)
+        if carries:
             for callback in active:
                 callback(model, optimizer)

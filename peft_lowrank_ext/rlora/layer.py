@@ -60,6 +60,8 @@ class RLoraLayer(AdditiveAdapterLayer):
         self.rlr_config: dict[str, RLoraConfig] = {}
         self._rlr_factor_cache: dict[str, tuple] = {}
         self._rlr_pending: dict[str, tuple] = {}
+        self._rlr_in_forward = False  # set between the model's forward pre- and post-hook (batched.py)
+        self._rlr_checked: set[str] = set()  # adapters whose cache the pre-hook verified for this pass
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -121,48 +123,75 @@ class RLoraLayer(AdditiveAdapterLayer):
             z = z + self.posterior_sigma(adapter_name) * torch.randn_like(z)
         return z
 
-    def _state_key(self, adapter_name: str) -> tuple:
-        """Identifies the current values of z (and the scale): any in-place update changes it."""
-        z = self.rlr_z[adapter_name]
-        scale = self.rlr_scale.get(adapter_name) if adapter_name in self.rlr_scale else None
-        return (z.data_ptr(), z._version, z.device, None if scale is None else (scale.data_ptr(), scale._version))
-
-    def pending_key(self, adapter_name: str) -> tuple:
-        """Cheap validity token for grouped factors: the z object and its version (if not compiling)."""
-        z = self.rlr_z[adapter_name]
-        return (z, None if torch.compiler.is_compiling() else z._version)
-
-    def _pending_is_current(self, adapter_name: str, key: tuple) -> bool:
-        z = self.rlr_z[adapter_name]
-        return key[0] is z and (torch.compiler.is_compiling() or key[1] == z._version)
-
     def uses_noise(self, adapter_name: str) -> bool:
         return self.training and self.rlr_config[adapter_name].noise_injection
+
+    def _pending_usable(self) -> bool:
+        """Whether factors grouped by the model's forward pre-hook belong to the pass now running.
+
+        They do inside the model's own forward (between its pre- and post-hook), and in a
+        non-reentrant gradient-checkpointing recompute during backward (it must see the very same
+        tensors). Anywhere else -- an inner module called on its own after the model's forward, a
+        reentrant recompute -- this layer generates its own factors: reusing a finished pass's
+        factors would backpropagate through a freed graph, or serve values from before an
+        optimizer step.
+        """
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return not _in_reentrant_recompute()
+        return self._rlr_in_forward
 
     def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (A, B) of shapes (r, in) and (out, r), differentiable in z.
 
-        With autograd on, factors generated for the whole model at the start of the forward pass
-        (see ``batched.py``) are used if present; they stay until the next forward pass so that a
-        non-reentrant gradient-checkpointing recompute sees the very same tensors. A *reentrant*
-        recompute regenerates this layer's factors on its own: the grouped factors share one graph,
-        which it would otherwise backpropagate once per checkpointed segment ("backward through the
-        graph a second time"). Without autograd (inference, generation)
-        they are cached until z or the scale changes, so decoding does not regenerate them per token.
+        With autograd on, factors grouped for the whole model at the start of its forward pass
+        (``batched.py``) are used where they belong to the pass now running (``_pending_usable``).
+        Without autograd (evaluation, generation, merge, export) they come from a cache that is
+        checked against an exact copy of z and the scale, so no update is ever missed, whether it
+        came from an optimizer (fused ones included), ``load_state_dict`` or a ``.data`` write.
         """
         scale = self.rlr_scale[adapter_name] if adapter_name in self.rlr_scale else None
         if torch.is_grad_enabled() or self.uses_noise(adapter_name):
             pending = self._rlr_pending.get(adapter_name)
-            current = pending is not None and self._pending_is_current(adapter_name, pending[0])
-            if current and not _in_reentrant_recompute():
+            if pending is not None and pending[0] is self.rlr_z[adapter_name] and self._pending_usable():
                 return pending[1]
+            if not self._rlr_in_forward and torch._C._current_graph_task_id() == -1:
+                # Called outside the model's forward: a later checkpoint recompute must not pick up
+                # factors grouped for an earlier pass.
+                self._rlr_pending.pop(adapter_name, None)
             return self.rlr_projection[adapter_name].factors(self.effective_z(adapter_name), scale)
-        key = self._state_key(adapter_name)
         cached = self._rlr_factor_cache.get(adapter_name)
-        if cached is None or cached[0] != key:
-            cached = (key, self.rlr_projection[adapter_name].factors(self.rlr_z[adapter_name], scale))
-            self._rlr_factor_cache[adapter_name] = cached
-        return cached[1]
+        if cached is not None and (adapter_name in self._rlr_checked or self.cache_matches(adapter_name, cached[0])):
+            return cached[1]
+        factors = self.rlr_projection[adapter_name].factors(self.rlr_z[adapter_name], scale)
+        self.store_cached_factors(adapter_name, factors)
+        return factors
+
+    # ----- the inference cache: exact copies of what the factors were generated from -----------------
+    def _cache_sources(self, adapter_name: str) -> list[torch.Tensor]:
+        z = self.rlr_z[adapter_name]
+        return [z] if adapter_name not in self.rlr_scale else [z, self.rlr_scale[adapter_name]]
+
+    def store_cached_factors(self, adapter_name: str, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        sources = self._cache_sources(adapter_name)
+        snapshot = (self.rlr_projection[adapter_name], sources, [t.detach().clone() for t in sources])
+        self._rlr_factor_cache[adapter_name] = (snapshot, factors)
+
+    def cache_comparable(self, adapter_name: str, snapshot: tuple) -> bool:
+        """Same projection and the same tensors (object, dtype, device, shape) as when cached."""
+        projection, sources, copies = snapshot
+        now = self._cache_sources(adapter_name)
+        return projection is self.rlr_projection[adapter_name] and len(now) == len(sources) and all(
+            a is b and a.dtype == c.dtype and a.device == c.device and a.shape == c.shape
+            for a, b, c in zip(now, sources, copies)
+        )
+
+    def cache_differs(self, snapshot: tuple) -> torch.Tensor:
+        """A 0-dim bool tensor, True where any cached source changed value (no device sync)."""
+        _, sources, copies = snapshot
+        return torch.stack([(a.detach() != c).any() for a, c in zip(sources, copies)]).any()
+
+    def cache_matches(self, adapter_name: str, snapshot: tuple) -> bool:
+        return self.cache_comparable(adapter_name, snapshot) and not bool(self.cache_differs(snapshot))
 
     def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Deterministic (A, B, scaling) such that ΔW = scaling · B A, for export to plain LoRA."""

@@ -91,7 +91,11 @@ def register_model(model: torch.nn.Module) -> None:
 
 
 def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    """Add the regulariser's gradient to every trainable z / log σ_q, once per training step.
+
+    ``step_hooks`` runs this at the first optimizer of the step, before any optimizer of the step
+    updates, so parameters split over several optimizers all receive it exactly once.
+    """
     for adapter_name in _adapter_names(model):
         if not _adapter_config(model, adapter_name).pac_bayes_enabled:
             continue
@@ -101,7 +105,7 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
             for store in (layer.rlr_z, layer.rlr_log_sigma)
             if adapter_name in store
             for p in [store[adapter_name]]
-            if p.requires_grad and id(p) in stepped
+            if p.requires_grad
         ]
         if not params:
             continue
