@@ -17,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from methods import METHODS
 from models import tiny_llama
-from trainer_utils import lm_dataset
+from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 from peft_lowrank_ext import export_lora, prilora_step
 from peft_lowrank_ext.heterolora import heterolora_allocation
 
@@ -79,6 +79,24 @@ def test_default_training_arguments(method, tmp_path):
     before = _logits(model, _inputs())
     Trainer(model=model, args=args, train_dataset=lm_dataset(24),
             callbacks=METHODS[method].trainer_callbacks()).train()
+    _check_served_equals_saved(model, before, tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_sft_trainer_defaults(method, tmp_path):
+    """TRL ``SFTTrainer`` with default ``SFTConfig`` (fused AdamW) and ``peft_config=``."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, report_to=[],
+                     save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=16)
+    assert "fused" in args.optim.value
+    trainer = SFTTrainer(model=_base(), args=args, train_dataset=text_dataset(24), processing_class=make_tokenizer(),
+                         peft_config=METHODS[method].make_config(TARGETS, "CAUSAL_LM"),
+                         callbacks=METHODS[method].trainer_callbacks())
+    before = _logits(trainer.model, _inputs())
+    trainer.train()
+    # SFTConfig defaults to bf16 autocast, which accelerate leaves wrapped around forward: compare in fp32.
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     _check_served_equals_saved(model, before, tmp_path)
 
 
