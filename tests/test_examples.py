@@ -44,8 +44,11 @@ def run_example(script: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=TIMEOUT_S)
 
 
-def build_tiny_causal_lm(folder: Path) -> Path:
-    """A 2-layer Llama and a word-level tokenizer trained on the bundled texts, saved like a hub checkpoint."""
+def build_tiny_causal_lm(folder: Path, hidden_size: int = 32) -> Path:
+    """A 2-layer Llama and a word-level tokenizer trained on the bundled texts, saved like a hub checkpoint.
+
+    bitsandbytes' 4-bit kernels need a hidden size above 32; the QLoRA example gets 128.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -59,14 +62,14 @@ def build_tiny_causal_lm(folder: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     fast.save_pretrained(folder)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=64, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=hidden_size * 3 // 2, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(fast), max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
-# name -> (script, arguments); "{tmp}" and "{tiny_lm}" are filled in when the runs start.
+# name -> (script, arguments); "{tmp}", "{tiny_lm}" and "{tiny_lm128}" are filled in when the runs start.
 RUNS = {
     "rlora": ("rlora_classification.py", TINY),
     "autolora": ("autolora_search_retrain.py", TINY + ["--hypergradient", "first_order", "--r", "4"]),
@@ -76,6 +79,8 @@ RUNS = {
     "sft_autolora": ("sft_causal_lm.py", ["--model", "{tiny_lm}", "--method", "autolora", "--max-steps", "2",
                                           "--max-train-samples", "12", "--batch-size", "4", "--max-length", "24",
                                           "--r", "4"]),
+    "sft_qlora": ("qlora_sft.py", ["--model", "{tiny_lm128}", "--method", "prilora", "--max-steps", "2",
+                                   "--max-train-samples", "12", "--batch-size", "4", "--max-length", "24", "--r", "4"]),
     "hub_local": ("hub_roundtrip.py", ["--local-hub", "{tmp}/hub", "--method", "rlora"] + TINY),
     "hub_offline": ("hub_roundtrip.py", ["--repo-id", "nobody/peft-lowrank-ext-example"] + TINY),
     "export_serve": ("export_and_serve.py", TINY + ["--serve-texts", "6"]),
@@ -84,6 +89,7 @@ RUNS = {
 NEEDS = {
     "test_rlora_example": ["rlora"], "test_autolora_example": ["autolora"], "test_prilora_example": ["prilora"],
     "test_heterolora_example": ["heterolora"], "test_sft_example": ["sft_autolora"],
+    "test_qlora_example": ["sft_qlora"],
     "test_hub_roundtrip_local": ["hub_local"], "test_hub_roundtrip_offline_fails_clearly": ["hub_offline"],
     "test_export_and_serve": ["export_serve"],
 }
@@ -102,6 +108,8 @@ def runs(request, tmp_path_factory):
         fill = {"tmp": str(tmp)}
         if "{tiny_lm}" in " ".join(args):
             fill["tiny_lm"] = str(build_tiny_causal_lm(tmp / "tiny-llama"))
+        if "{tiny_lm128}" in " ".join(args):
+            fill["tiny_lm128"] = str(build_tiny_causal_lm(tmp / "tiny-llama-128", hidden_size=128))
         futures[name] = pool.submit(run_example, script, *[a.format(**fill) for a in args])
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
@@ -173,6 +181,18 @@ def test_sft_example(runs):
     assert len(ranks) == 4 and all(1 <= r <= 4 for r in ranks)  # q_proj, v_proj in 2 blocks
     assert "after 2 steps" in out
     assert "OK: AutoPeftModelForCausalLM.from_pretrained reproduces the trained model" in out
+
+
+def test_qlora_example(runs):
+    out = finished(runs, "sft_qlora")
+    assert "in 4 bits (nf4, double quant" in out and "method: prilora" in out and "after 2 steps" in out
+    for check in ("PeftModel.from_pretrained on a fresh 4-bit base reproduces the trained model",
+                  "export_lora: plain PEFT LoRA on the 4-bit base gives the same logits",
+                  "merge_and_unload into the full-precision base is exact"):
+        assert f"OK: {check}" in out
+    error = number(r"merge into the 4-bit base: max \|logit difference\| to the adapted model ([\d.eE+-]+)", out)
+    effect = number(r"changes the base model's logits by up to ([\d.eE+-]+)", out)
+    assert effect > 0 and 0 < error < 1.0  # re-quantized: close, never bit-identical, never a crash
 
 
 def test_hub_roundtrip_local(runs):
