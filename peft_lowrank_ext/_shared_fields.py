@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ._validation import _fail, _is_int, check_bool
+from ._validation import _fail, _is_int, check_bool, check_choice
+
+# PEFT trains and saves these biases itself (``BaseTuner._mark_only_adapters_as_trainable``,
+# ``_get_learnable_bias_state_dict``); 'lora_only' is LoRA's name for "the biases of the adapted layers".
+BIAS_CHOICES = ("none", "all", "lora_only")
 
 NAME_LIST = "a non-empty list of module-name strings"
 
@@ -72,5 +76,6 @@ def check_shared_fields(config, owner: str) -> None:
         config.modules_to_save = list(modules)
     _check_layers(owner, config)
     _check_token_indices(owner, config.trainable_token_indices)
+    check_choice(owner, "bias", config.bias, BIAS_CHOICES)
     for flag in ("fan_in_fan_out", "init_weights", "inference_mode"):
         check_bool(owner, flag, getattr(config, flag))

@@ -32,7 +32,11 @@ class LowRankPeftConfig(PeftConfig):
     fan_in_fan_out: bool = field(
         default=False, metadata={"help": "True for layers storing weight as (in, out), e.g. GPT-2's Conv1D (set automatically)."}
     )
-    bias: str = field(default="none", metadata={"help": "Only 'none' is supported."})
+    bias: str = field(
+        default="none",
+        metadata={"help": "Base-model biases to train, as in LoRA: 'none', 'all' (every bias of the model) or "
+                          "'lora_only' (the biases of the adapted layers). Saved with the adapter."},
+    )
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Extra modules trained in full and saved, e.g. a classifier head."}
     )
@@ -67,7 +71,6 @@ class LowRankPeftConfig(PeftConfig):
 
     def _check_targeting(self, owner: str) -> None:
         check_shared_fields(self, owner)
-        check_choice(owner, "bias", self.bias, ("none",))
         if self.target_parameters:
             raise ValueError(
                 f"{owner}.target_parameters={self.target_parameters!r} is not allowed; it must be None "

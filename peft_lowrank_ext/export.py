@@ -67,10 +67,16 @@ def export_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name: st
         ranks[key] = lora_a.shape[0]
         alphas[key] = float(scaling * lora_a.shape[0])
 
-    # Auxiliary trained modules (modules_to_save, trainable tokens) are stored exactly as for LoRA.
+    # Auxiliary trained modules (modules_to_save, trainable tokens) and trained biases (bias="all"/"lora_only")
+    # are stored exactly as for LoRA. A bias of a module the LoRA export does not adapt (every rank switched
+    # off) lives at <module>.bias in the plain LoRA model, not at <module>.base_layer.bias.
     own_prefix = peft_model.base_model.prefix
+    exported = {f"base_model.model.{key}" for key in ranks}
     for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items():
         if own_prefix not in key:
+            module, _, leaf = key.rpartition(".base_layer.")
+            if leaf == "bias" and module not in exported:
+                key = f"{module}.bias"
             tensors[key] = value.detach().cpu().contiguous()
 
     if not ranks:
@@ -93,7 +99,7 @@ def _lora_config(config, ranks: dict[str, int], alphas: dict[str, float]) -> Lor
         alpha_pattern={re.escape(k): v for k, v in alphas.items() if v != alpha},
         lora_dropout=getattr(config, "lora_dropout", 0.0),
         fan_in_fan_out=getattr(config, "fan_in_fan_out", False),
-        bias="none",
+        bias=getattr(config, "bias", "none"),
         modules_to_save=config.modules_to_save,
         trainable_token_indices=getattr(config, "trainable_token_indices", None),
         task_type=config.task_type,

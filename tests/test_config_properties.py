@@ -77,7 +77,7 @@ SHARED_INVALID = {
     "fan_in_fan_out": BAD_BOOLS,
     "init_weights": BAD_BOOLS,
     "inference_mode": BAD_BOOLS,
-    "bias": st.sampled_from(["all", "lora_only", None, 0]),
+    "bias": st.sampled_from(["lora", "rlora_only", "ALL", None, 0]),
     "task_type": st.sampled_from(["x", "causal_lm", 1, []]),
     "trainable_token_indices": st.sampled_from([[], [-1], 1, "x", [1.5], {"embed_tokens": 1}, {1: [1]}, {}]),
     "target_parameters": st.sampled_from([["weight"], "x", 5]),
@@ -93,7 +93,7 @@ def shared_valid(draw) -> dict:
         "fan_in_fan_out": draw(st.booleans()),  # corrected to the layer type (with a warning), as in LoRA
         "init_weights": draw(st.booleans()),
         "inference_mode": draw(st.booleans()),
-        "bias": "none",
+        "bias": draw(st.sampled_from(["none", "all", "lora_only"])),
         "task_type": draw(st.sampled_from([None, "CAUSAL_LM"])),
         "trainable_token_indices": draw(st.sampled_from([None, [1, 2], {"embed_tokens": [3]}])),
     }
@@ -147,7 +147,7 @@ RLORA_INVALID = {
     "posterior_sigma": bad_reals([0.0]),
     "learn_posterior_sigma": BAD_BOOLS,
     "noise_injection": BAD_BOOLS,
-    "init_std": bad_reals([-1.0]),
+    "init_std": bad_reals([-1.0], optional=True),
     "batch_projection": BAD_BOOLS,
     "projection_version": st.sampled_from([0, 2, "1", None]),
     "projection_fingerprint": st.sampled_from(["0123456789abcdef", "", 5]),

@@ -58,7 +58,7 @@ def on_names(model):
     ({"proxy": "fisher"}, "proxy"), ({"proxy_batches": 0}, "proxy_batches"), ({"proxy_batches": 1.5}, "proxy_batches"),
     ({"mode": "online"}, "mode"), ({"realloc_every": 0}, "realloc_every"), ({"ranking": "joint"}, "ranking"),
     ({"alpha_test_tolerance": 0.0}, "alpha_test_tolerance"), ({"seed": -1}, "seed"),
-    ({"history_size": 0}, "history_size"), ({"bias": "all"}, "bias"),
+    ({"history_size": 0}, "history_size"), ({"bias": "lora"}, "bias"),
 ])
 def test_bad_config_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"HeteroLoraConfig\.{field}="):

@@ -40,7 +40,7 @@ from models import TINY_MODELS
         (dict(projection_ratio=0.1, prior_sigma=0.0), "prior_sigma"),
         (dict(projection_ratio=0.1, posterior_sigma=-0.1), "posterior_sigma"),
         (dict(projection_ratio=0.1, seed=-1), "seed"),
-        (dict(projection_ratio=0.1, bias="all"), "bias"),
+        (dict(projection_ratio=0.1, bias="lora"), "bias"),
         (dict(projection_ratio=0.1, target_parameters=["w"]), "target_parameters"),
         (dict(projection_ratio=0.1, init_std=-1.0), "init_std"),
         (dict(projection_ratio=0.1, projection_version=0), "projection_version"),

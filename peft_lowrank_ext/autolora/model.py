@@ -21,8 +21,15 @@ class AutoLoraModel(GatedTuner):
     """
 
     prefix: str = "autolr_"
+    method_name = "AutoLoRA"
     tuner_layer_cls = AutoLoraLayer
     linear_cls = AutoLoraLinear
+
+    def combined_config(self, config: AutoLoraConfig, rank: int, shortcut_rank: int, target_modules: list[str]):
+        """A combination has fixed ranks: it is created in the selected phase (β is not searched)."""
+        combined = super().combined_config(config, rank, shortcut_rank, target_modules)
+        combined.phase = "selected"
+        return combined
 
     def _post_injection_hook(self, model: nn.Module, config: AutoLoraConfig, adapter_name: str) -> None:
         register_step_callbacks(model, "autolora_search", pre=search_step)

@@ -36,7 +36,8 @@ from torch import nn
 from ..base_tuner import adapted_root
 from ..replicas import fsdp_kind
 from .config import budget_count
-from .layer import FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active
+from .layer import (FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active,
+                    finite_score)
 from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
@@ -112,10 +113,14 @@ def in_window(cands: list[Candidate], config, state: list[int]) -> bool:
 # ----- scores -------------------------------------------------------------------------------------
 @torch.no_grad()
 def accumulate(cands: list[Candidate], main: torch.Tensor, fallback: Optional[torch.Tensor]) -> None:
+    """Add one batch's scores to the window sums; a batch whose score is not a number (a NaN gradient)
+    adds nothing, and the sums saturate at the largest float: the saved sums stay finite."""
     for i, c in enumerate(cands):
-        c.layer._store("proxy_sum")[c.adapter].add_(main[i].to(c.layer._store("proxy_sum")[c.adapter]))
+        total = c.layer._store("proxy_sum")[c.adapter]
+        total.copy_(finite_score(total + finite_score(main[i].to(total))))
         if fallback is not None:
-            c.layer._store("gradnorm_sum")[c.adapter].add_(fallback[i].to(c.layer._store("proxy_sum")[c.adapter]))
+            total = c.layer._store("gradnorm_sum")[c.adapter]
+            total.copy_(finite_score(total + finite_score(fallback[i].to(total))))
 
 
 def _replica_mean(values: torch.Tensor) -> torch.Tensor:
@@ -159,7 +164,7 @@ def allocate(cands: list[Candidate], step: int) -> list[bool]:
             "fallback).",
             stacklevel=2,
         )
-    scores = (fallback if use_fallback else main).cpu().tolist()
+    scores = finite_score(fallback if use_fallback else main).cpu().tolist()
     on = choose(scores, cands, config, n_alloc)
     flags_extra = FLAG_FALLBACK if use_fallback else 0
     for c, score, flag in zip(cands, scores, on):
@@ -306,7 +311,8 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
 
     ``modules`` maps each candidate (module name relative to the transformers model) to its
     ``kind`` (``"lora"`` or a shortcut kind), ``on`` and ``score`` (the score the latest allocation
-    used; NaN before the first). ``history`` lists the last ``history_size`` allocations, oldest
+    used; NaN before the first — nothing non-finite is saved: "no score yet" is ``allocations == 0``).
+    ``history`` lists the last ``history_size`` allocations, oldest
     first, each with the optimizer ``step`` count it was made after, the modules switched ``on``,
     all ``scores`` and whether the gradient-norm ``fallback`` was used.
     """
@@ -317,7 +323,9 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
         raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
     config = _config(cands)
     state = read_state(cands)
-    modules = {c.name: {"kind": c.kind, "on": c.on, "score": float(c.layer._store("proxy_last")[c.adapter])}
+    scored = state[N_ALLOC] > 0
+    modules = {c.name: {"kind": c.kind, "on": c.on,
+                        "score": float(c.layer._store("proxy_last")[c.adapter]) if scored else math.nan}
                for c in cands}
     history = []
     size = cands[0].layer._store("hist_step")[adapter].numel()

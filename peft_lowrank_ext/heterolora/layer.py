@@ -20,9 +20,14 @@ checkpoint, so ``resume_from_checkpoint`` reproduces the allocation and its hist
 * ``state`` (int64, 4): optimizer steps seen, allocations done, batches scored in the current
   window, the step whose end triggers the next allocation (-1: none) — the same in every layer;
 * ``proxy_sum`` / ``gradnorm_sum``: the proxy (and its gradient-norm fallback) summed over the window;
-* ``proxy_last``: the score the latest allocation used (NaN before the first);
+* ``proxy_last``: the score the latest allocation used (0 before the first: whether there is a score
+  is ``state[N_ALLOC] > 0``, so no NaN sentinel is stored);
 * ``hist_step`` / ``hist_proxy`` / ``hist_flags``: ring buffer of the last ``history_size``
   allocations (flags: bit 0 on, bit 1 gradient-norm fallback used).
+
+Every saved value is finite (checkpoint scanners and PEFT's state-dict comparisons rely on it): scores
+are stored through :func:`finite_score`, and a checkpoint of an older version whose ``proxy_last`` held
+NaN is cleaned when it is loaded (``HeteroLoraModel._remap_adapter_state_dict_for_load``).
 
 (No buffer name may end in ``score`` or ``classifier``: PEFT would take it for a task head to save.)
 """
@@ -42,6 +47,13 @@ from ..gated.layer import GatedLinear, GatedLoraLayer
 STATE_LEN = 4
 STEP, N_ALLOC, N_SCORED, NEXT_ALLOC = range(STATE_LEN)
 FLAG_ON, FLAG_FALLBACK = 1, 2
+# Buffers holding proxy scores; they are kept finite (see finite_score).
+SCORE_KINDS = ("proxy_sum", "gradnorm_sum", "proxy_last", "hist_proxy")
+
+
+def finite_score(values: torch.Tensor) -> torch.Tensor:
+    """Scores as stored: NaN → 0 (every proxy is ≥ 0, so NaN ranks with the lowest), ±inf → ±largest float."""
+    return torch.nan_to_num(values, nan=0.0)
 
 
 def distributed_active() -> bool:
@@ -58,7 +70,7 @@ class HeteroLoraLayer(GatedLoraLayer):
         self._store("state")[adapter_name] = torch.tensor([0, 0, 0, -1], dtype=torch.long)
         self._store("proxy_sum")[adapter_name] = torch.zeros(())
         self._store("gradnorm_sum")[adapter_name] = torch.zeros(())
-        self._store("proxy_last")[adapter_name] = torch.full((), float("nan"))
+        self._store("proxy_last")[adapter_name] = torch.zeros(())  # meaningful once state[N_ALLOC] > 0
         self._store("hist_step")[adapter_name] = torch.full((h,), -1, dtype=torch.long)
         self._store("hist_proxy")[adapter_name] = torch.zeros(h)
         self._store("hist_flags")[adapter_name] = torch.zeros(h, dtype=torch.long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 from ..gated.model import GatedTuner
 from .allocation import init_allocation, install_hooks
 from .config import HeteroLoraConfig
-from .layer import HeteroLoraLayer, HeteroLoraLinear, HeteroShortcut
+from .layer import (FLAG_ON, N_ALLOC, SCORE_KINDS, HeteroLoraLayer, HeteroLoraLinear, HeteroShortcut,
+                    finite_score)
 from .shortcuts import attach_shortcuts, remove_shortcuts
 
 
@@ -29,6 +31,7 @@ class HeteroLoraModel(GatedTuner):
     """
 
     prefix: str = "hetlr_"
+    method_name = "HeteroLoRA"
     tuner_layer_cls = HeteroLoraLayer
     linear_cls = HeteroLoraLinear
 
@@ -46,6 +49,43 @@ class HeteroLoraModel(GatedTuner):
             self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         init_allocation(model, adapter_name)
         install_hooks(model)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Older versions saved ``proxy_last`` as NaN before the first allocation: load such files with the
+        finite representation (0; "no score yet" is read from the allocation count), so the adapter never
+        holds, or re-saves, a non-finite value."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        score_keys = tuple(f"{cls.prefix}{kind}." for kind in SCORE_KINDS)
+        for key, value in remapped.items():
+            if any(k in key for k in score_keys) and value.is_floating_point() and not torch.isfinite(value).all():
+                remapped[key] = finite_score(value)
+        return remapped
+
+    # ----- weighted combination (add_weighted_adapter, see GatedTuner) -----------------------------
+    def _check_combinable(self, adapters: list[str], configs: list) -> None:
+        super()._check_combinable(adapters, configs)
+        kinds = {tuple(c.shortcuts) for c in configs}
+        if len(kinds) > 1:
+            raise ValueError(f"HeteroLoRA add_weighted_adapter: adapters {list(adapters)!r} have different shortcuts "
+                             f"({', '.join(repr(list(k)) for k in kinds)}), which is not allowed; only adapters with "
+                             "the same shortcut kinds can be combined")
+
+    def combined_config(self, config: HeteroLoraConfig, rank: int, shortcut_rank: int, target_modules: list[str]):
+        """The allocations were made by the combined adapters: every candidate with a kept rank stays on
+        (budget 1, allocated at wrap time, no scoring window); shortcuts get the largest shortcut concatenation."""
+        combined = super().combined_config(config, rank, shortcut_rank, target_modules)
+        return dataclasses.replace(combined, shortcut_r=shortcut_rank, shortcut_alpha=float(shortcut_rank),
+                                   budget=1.0, proxy="constant", mode="static")
+
+    @torch.no_grad()
+    def after_weighted_fill(self, adapter_name: str, empty_layers: list) -> None:
+        """Candidates no combined adapter had switched on stay off (and are recorded so in the allocation)."""
+        for layer in empty_layers:
+            layer.set_on(adapter_name, False)
+            flags = layer._store("hist_flags")[adapter_name]
+            slot = (int(layer._store("state")[adapter_name][N_ALLOC]) - 1) % flags.numel()
+            flags[slot] = int(flags[slot]) & ~FLAG_ON
 
     # ----- shortcuts cannot be merged into base weights --------------------------------------------
     def _shortcuts(self):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -28,6 +30,7 @@ class PriLoraModel(GatedTuner):
     """
 
     prefix: str = "prilr_"
+    method_name = "PRILoRA"
     tuner_layer_cls = PriLoraLayer
     linear_cls = PriLoraLinear
 
@@ -35,6 +38,13 @@ class PriLoraModel(GatedTuner):
         index, num_blocks = block_position(self.model, module_name, config.block_index_pattern, config.num_blocks)
         r = linear_rank(config.r_first, config.r_last, index, num_blocks)
         return {"r": r, "lora_alpha": config.lora_alpha, "element_mask": True}
+
+    def combined_config(self, config: PriLoraConfig, rank: int, shortcut_rank: int, target_modules: list[str]):
+        """Every block at the same rank (the largest concatenation; unused ranks are masked off)."""
+        return dataclasses.replace(
+            config, r_first=rank, r_last=rank, r_mean=None, r_spread=None, lora_alpha=float(rank),
+            target_modules=target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+            bias="none")
 
     def _post_injection_hook(self, model: nn.Module, config: PriLoraConfig, adapter_name: str) -> None:
         register_step_callbacks(model, "prilora_prune", post=prilora_post_step)

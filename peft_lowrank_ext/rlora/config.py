@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,8 +56,11 @@ class RLoraConfig(LowRankPeftConfig):
     noise_injection: bool = field(
         default=False, metadata={"help": "In training mode, use z + σ_q·ε in the forward pass."}
     )
-    init_std: float = field(
-        default=0.0, metadata={"help": "With init_weights=False, z starts as N(0, init_std²) (tests, warm starts)."}
+    init_std: Optional[float] = field(
+        default=None,
+        metadata={"help": "With init_weights=False, z starts as N(0, init_std²). None (default): per module the "
+                          "std that gives the generated B the spread of LoRA's init_lora_weights=False "
+                          "(std 1/sqrt(3r)), so the adapter is not a no-op, as PEFT's convention is."},
     )
     batch_projection: bool = field(
         default=True,
@@ -98,7 +102,8 @@ class RLoraConfig(LowRankPeftConfig):
         check_real(owner, "posterior_sigma", self.posterior_sigma, low=0.0, low_open=True)
         check_bool(owner, "learn_posterior_sigma", self.learn_posterior_sigma)
         check_bool(owner, "noise_injection", self.noise_injection)
-        check_real(owner, "init_std", self.init_std, low=0.0)
+        if self.init_std is not None:
+            check_real(owner, "init_std", self.init_std, low=0.0)
         check_bool(owner, "batch_projection", self.batch_projection)
         self._check_projection_identity(owner)
 
@@ -121,6 +126,18 @@ class RLoraConfig(LowRankPeftConfig):
                 "so the saved z would produce different weights. Use the torch/peft_lowrank_ext versions that saved "
                 "the adapter, or export it to plain LoRA there (export_lora)."
             )
+
+    def z_init_std(self, intrinsic_dim: int, total_dim: int) -> float:
+        """Std of z's initial values under ``init_weights=False`` for a module with ``d = intrinsic_dim`` and
+        ``D = total_dim``: ``init_std`` if given, else the std that gives every generated entry of (A − A0, B)
+        the spread of LoRA's ``init_lora_weights=False`` B.
+
+        The Fastfood projection ``P z = H G Π H B pad(z) / (‖g‖ √D)`` maps z ~ N(0, σ²) to entries of variance
+        σ²·d/D; LoRA's B under ``init_lora_weights=False`` is U(−1/√r, 1/√r), of variance 1/(3r).
+        """
+        if self.init_std is not None:
+            return self.init_std
+        return math.sqrt(total_dim / (3.0 * self.r * intrinsic_dim))
 
     @property
     def pac_bayes_enabled(self) -> bool:

@@ -91,8 +91,10 @@ class RLoraLayer(AdditiveAdapterLayer):
         self.rlr_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
         z = torch.zeros(dim)
-        if not config.init_weights and config.init_std > 0:
-            z.normal_(0.0, config.init_std)
+        if not config.init_weights:  # PEFT's convention: init_weights=False gives a non-trivial adapter
+            std = config.z_init_std(dim, total)
+            if std > 0:
+                z.normal_(0.0, std)
         self.rlr_z[adapter_name] = nn.Parameter(z)
         if config.learnable_scale:
             self.rlr_scale[adapter_name] = nn.Parameter(torch.ones(()))

@@ -25,6 +25,7 @@ class RLoraModel(LowRankTuner):
     """
 
     prefix: str = "rlr_"
+    method_name = "RLoRA"
     tuner_layer_cls = RLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
@@ -41,6 +42,15 @@ class RLoraModel(LowRankTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="cat", **kwargs) -> None:
+        """Not supported: an RLoRA adapter is only its vector z, and a weighted sum of ΔW = B(z) A(z) is not
+        B(z') A(z') for any z' of the fixed random projection. Export to plain LoRA and combine there."""
+        raise NotImplementedError(
+            "RLoRA does not support add_weighted_adapter: an RLoRA adapter stores only z, whose fixed random "
+            "projection cannot express a weighted sum of adapters; export each with "
+            "peft_lowrank_ext.export_lora(model, path, adapter_name) and combine them with PEFT LoRA's "
+            "add_weighted_adapter (combination_type='cat' is exact).")
 
     def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
         register_model(model)
