@@ -73,8 +73,15 @@ def four_bit(model_id: str, compute_dtype: torch.dtype):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=compute_dtype)
     device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
-    return AutoModelForCausalLM.from_pretrained(model_id, quantization_config=config, dtype=compute_dtype,
-                                                device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=config, dtype=compute_dtype,
+                                                 device_map=device_map)
+    # On AVX512-BF16 CPUs bitsandbytes would switch a 4-bit layer to its bf16 kernel at the first inference
+    # pass (other numbers, and no gradient through it afterwards). This package's adapters keep the standard
+    # path; do the same for the plain-PEFT comparison below. No effect on a GPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @torch.no_grad()

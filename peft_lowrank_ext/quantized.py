@@ -117,3 +117,19 @@ def requantize(layer: nn.Module, merged: torch.Tensor) -> None:
 
 def _has_fp16_weights(layer: nn.Module) -> bool:
     return bool(getattr(layer.weight, "has_fp16_weights", False)) and layer.weight.dtype != torch.int8
+
+
+def keep_standard_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking the model's 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight at the first inference forward
+    (evaluation, generation, a scoring pass); in bitsandbytes 0.50.2 no gradient flows back through
+    a repacked weight afterwards, so training after an evaluation would silently lose the gradient
+    of every adapter below it. Called at wrap time; weights already repacked are restored. Costs
+    some CPU inference speed; no effect on GPUs.
+    """
+    for module in model.modules():
+        if bnb_kind(module) == "4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                restore_standard_layout(module)

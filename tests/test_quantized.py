@@ -305,3 +305,30 @@ def test_half_precision_quantized_inference_and_merge(method, llama_dir):
         if quant == "nf4":  # the quant state keeps the model's dtype (PEFT's LoRA merge turns it into fp32)
             for layer in quantized_bases(merged).values():
                 assert layer.weight.quant_state.dtype == dtype and layer.compute_dtype == dtype
+
+
+@pytest.mark.parametrize("method", ["rlora", "prilora"])
+def test_training_after_an_inference_pass_keeps_every_gradient(method, llama_dir):
+    """bitsandbytes repacks 4-bit weights at an inference pass on AVX512-BF16 CPUs, after which no gradient
+    flows back through them; wrapping keeps the standard layout, so an evaluation changes no gradient."""
+
+    def wrapped():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=BitsAndBytesConfig(**QUANT["nf4"]))
+        model = get_peft_model(prepare_model_for_kbit_training(model), config_of(method))
+        assert all(not m.support_avx512bf16_for_cpu for m in quantized_bases(model).values())
+        return model
+
+    def adapter_grads(model):
+        model.train()
+        model(**lm_batches(1, batch=4, seq=8)[0]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+    evaluated = wrapped()
+    logits(evaluated)  # an inference pass: eval mode, no grad
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in quantized_bases(evaluated).values())
+    expected, got = adapter_grads(wrapped()), adapter_grads(evaluated)
+    assert expected.keys() == got.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
