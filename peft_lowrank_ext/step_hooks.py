@@ -24,9 +24,12 @@ _CALLBACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[StepCallback |
     weakref.WeakKeyDictionary()
 )
 _HANDLES: list = []
-# Per model: ids of the optimizers that stepped in the current training step, and per optimizer id
-# whether its running step is the one that carries the callbacks.
-_ROUNDS: "weakref.WeakKeyDictionary[nn.Module, tuple[set[int], dict[int, bool]]]" = weakref.WeakKeyDictionary()
+# Per model: ids of the optimizers that stepped in the current training step, per optimizer id whether
+# its running step carries the callbacks, and the model's training-forward count when the step began.
+_ROUNDS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_FORWARDS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_FORWARD_HOOK_ATTR = "_lowrank_step_forward_counter"
+_IN_CALLBACKS = [False]
 
 
 def register_step_callbacks(
@@ -37,6 +40,13 @@ def register_step_callbacks(
         _HANDLES.append(register_optimizer_step_pre_hook(lambda opt, a, k: _run(opt, 0)))
         _HANDLES.append(register_optimizer_step_post_hook(lambda opt, a, k: _run(opt, 1)))
     _CALLBACKS.setdefault(model, {})[key] = (pre, post)
+    if model.__dict__.get(_FORWARD_HOOK_ATTR) is None:
+        object.__setattr__(model, _FORWARD_HOOK_ATTR, model.register_forward_pre_hook(_count_training_forward))
+
+
+def _count_training_forward(model: nn.Module, args) -> None:
+    if torch.is_grad_enabled() and not _IN_CALLBACKS[0]:
+        _FORWARDS[model] = _FORWARDS.get(model, 0) + 1
 
 
 def unregister_step_callbacks(model: nn.Module, key: str) -> None:
@@ -71,12 +81,14 @@ def optimizer_updates(optimizer: torch.optim.Optimizer, model: nn.Module) -> boo
 
 def _starts_training_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
     """Called at an optimizer's pre-step: whether this step carries the model's per-step work."""
-    stepped, carries = _ROUNDS.setdefault(model, (set(), {}))
+    stepped, carries, mark = _ROUNDS.setdefault(model, [set(), {}, None])
     key = id(optimizer)
-    first = not stepped or key in stepped
+    forwards = _FORWARDS.get(model, 0)
+    first = not stepped or key in stepped or forwards != mark
     if first:
         stepped.clear()
         carries.clear()
+        _ROUNDS[model][2] = forwards
     stepped.add(key)
     carries[key] = first
     return first
@@ -92,7 +104,11 @@ def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
         if which == 0:
             carries = _starts_training_step(model, optimizer)
         else:
-            carries = _ROUNDS.get(model, (set(), {}))[1].get(id(optimizer), False)
+            carries = _ROUNDS.get(model, [set(), {}, None])[1].get(id(optimizer), False)
         if carries:
-            for callback in active:
-                callback(model, optimizer)
+            _IN_CALLBACKS[0] = True
+            try:
+                for callback in active:
+                    callback(model, optimizer)
+            finally:
+                _IN_CALLBACKS[0] = False

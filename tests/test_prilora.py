@@ -545,9 +545,10 @@ def _ddp_worker(rank, world, init_file, out_dir, broadcast_buffers):
 def test_data_parallel_replicas_take_identical_decisions(tmp_path, broadcast_buffers):
     import torch.multiprocessing as mp
 
-    # fork: the replicas inherit the imported modules (spawn would re-import torch/transformers/trl twice).
+    # spawn, not fork: a fork of the test process can inherit a lock held by another thread (seen as a hung
+    # replica once the suite had run bitsandbytes and PEFT's own tests in the same process).
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), broadcast_buffers), nprocs=2,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     masks = [n for n in states[0] if n.endswith("element_mask.default")]
     assert masks and all((states[0][n] == 0).any() for n in masks)
