@@ -1,11 +1,11 @@
-"""Regenerate the Markdown of the benchmark results, and the README's results section, from JSON only.
+"""Regenerate the Markdown of the benchmark results, and docs/benchmarks.md's results section, from JSON only.
 
-    python bench/render_results.py                       # bench/results/*.json -> *.md and README.md
+    python bench/render_results.py                       # bench/results/*.json -> *.md and docs/benchmarks.md
     python bench/render_results.py --results-dir DIR --readme PATH
 
 Reads ``compare.json`` (bench/compare_methods.py) and ``scaling.json`` (bench/scaling.py) where
 present, writes ``compare.md`` / ``scaling.md`` next to them, and replaces the text between
-``<!-- bench-results:start -->`` and ``<!-- bench-results:end -->`` in the README. Every number
+``<!-- bench-results:start -->`` and ``<!-- bench-results:end -->`` in docs/benchmarks.md. Every number
 printed comes from those files, next to the machine, date and command that produced it.
 """
 
@@ -300,8 +300,8 @@ def render_all(results_dir: Path, readme: Path | None) -> list[Path]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Render bench/results/*.json to Markdown and into the README.")
     p.add_argument("--results-dir", type=Path, default=_BENCH_DIR / "results")
-    p.add_argument("--readme", type=Path, default=_BENCH_DIR.parent / "README.md",
-                   help="README whose marked section is replaced")
+    p.add_argument("--readme", type=Path, default=_BENCH_DIR.parent / "docs" / "benchmarks.md",
+                   help="Markdown file whose marked section is replaced (default docs/benchmarks.md)")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)
     try:
