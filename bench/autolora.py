@@ -25,8 +25,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, autolora_select, retrain_lora_config
-from peft_lowrank_ext.datasets_io import load_text_classification
-from peft_lowrank_ext.training import (
+from peft_lowrank_ext.train.data import load_text_classification
+from peft_lowrank_ext.train.loop import (
     TrainingConfig,
     _collate,
     _encode,

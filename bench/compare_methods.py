@@ -10,10 +10,10 @@ Methods: PEFT LoRA r=2 and r=8, PEFT AdaLoRA, PEFT VeRA, full fine-tuning, RLoRA
 on 70% of the training set with the other 30% as held-out data, then a plain LoRA retrain with the
 selected ranks on all of it; both phases are timed), PRILoRA, HeteroLoRA static and dynamic.
 
-Every run goes through the package's one training loop, :func:`peft_lowrank_ext.training.fit`
+Every run goes through the package's one training loop, :func:`peft_lowrank_ext.train.loop.fit`
 (AdamW, linear warm-up/decay, gradient clipping, accuracy on the evaluation split). Per-step work
 that PEFT leaves to the caller (AdaLoRA's ``update_and_allocate``) hangs on the package's global
-optimizer-step hooks (:mod:`peft_lowrank_ext.step_hooks`), so the loop stays unchanged.
+optimizer-step hooks (:mod:`peft_lowrank_ext.runtime.step_hooks`), so the loop stays unchanged.
 
 Each (method, seed) runs in its own forked child process (the parent imports the libraries once)
 so that its peak resident memory is its own (the kernel's high-water mark is also reset before the
@@ -61,7 +61,7 @@ HETERO_TARGETS = {("query", "value"): ["query", "key", "value", "attention.outpu
 
 
 # ----- machine and memory ---------------------------------------------------------------------------
-from peft_lowrank_ext.training import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402,F401  (scaling.py too)
+from peft_lowrank_ext.train.loop import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402,F401  (scaling.py too)
 
 
 def load_average() -> list[float] | None:
@@ -110,7 +110,7 @@ def exact_command(argv: list[str]) -> str:
 # ----- data -----------------------------------------------------------------------------------------
 def load_data(args):
     """The bundled data, local files, or a ``datasets`` data set (``--dataset``), as text + label."""
-    from peft_lowrank_ext.datasets_io import TextClassificationData, load_text_classification
+    from peft_lowrank_ext.train.data import TextClassificationData, load_text_classification
 
     if args.dataset is None:
         return load_text_classification(args.train_file, args.eval_file, args.text_column, args.label_column,
@@ -120,7 +120,7 @@ def load_data(args):
         raise ValueError("--dataset and --train-file/--eval-file: give one source of data, not both")
     import datasets
 
-    from peft_lowrank_ext.datasets_io import _limit, _normalise
+    from peft_lowrank_ext.train.data import _limit, _normalise
 
     try:
         loaded = datasets.load_dataset(args.dataset, args.subset)
@@ -142,10 +142,10 @@ def load_data(args):
 # ----- method settings ------------------------------------------------------------------------------
 def tuned_defaults() -> dict[str, Any]:
     """Learning rates and sizes: the CLI's defaults where it has them, else the per-method benches'."""
-    from peft_lowrank_ext import cli
+    from peft_lowrank_ext.cli import main as cli
 
     def pick(name: str, fallback):
-        return getattr(cli, name, fallback), ("peft_lowrank_ext.cli." + name if hasattr(cli, name)
+        return getattr(cli, name, fallback), ("peft_lowrank_ext.cli.main." + name if hasattr(cli, name)
                                              else "bench default (see bench/README.md)")
 
     out = {}
@@ -251,7 +251,7 @@ class FullFineTune:
             def save_pretrained(self, folder):
                 from safetensors.torch import save_file
 
-                from peft_lowrank_ext.training import ADAPTER_FILE
+                from peft_lowrank_ext.train.loop import ADAPTER_FILE
 
                 state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
                 save_file(state, str(Path(folder) / ADAPTER_FILE))
@@ -262,7 +262,7 @@ class FullFineTune:
 
 
 def _training_config(args, settings: dict[str, Any], seed: int):
-    from peft_lowrank_ext.training import TrainingConfig
+    from peft_lowrank_ext.train.loop import TrainingConfig
 
     return TrainingConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                           max_length=args.max_length, lr=settings["lr"], head_lr=settings["head_lr"], seed=seed,
@@ -273,7 +273,7 @@ def _wrapped(method: str, config: dict[str, Any] | None, data, model_path, seed:
     """The model and tokenizer as :func:`train_classifier` builds them (same seeding)."""
     from peft import get_peft_model
 
-    from peft_lowrank_ext.training import load_model_and_tokenizer, set_seed
+    from peft_lowrank_ext.train.loop import load_model_and_tokenizer, set_seed
 
     set_seed(seed)
     net, tokenizer = load_model_and_tokenizer(model_path, data.num_labels)
@@ -285,7 +285,7 @@ def _wrapped(method: str, config: dict[str, Any] | None, data, model_path, seed:
 
 def attach_adalora_allocation(peft_model) -> dict[str, int]:
     """Call AdaLoRA's ``update_and_allocate(step)`` after every optimizer step (grads still there)."""
-    from peft_lowrank_ext.step_hooks import register_step_callbacks
+    from peft_lowrank_ext.runtime.step_hooks import register_step_callbacks
 
     counter = {"step": 0, "calls": 0}
 
@@ -309,7 +309,7 @@ def run_one(method: str, seed: int, data, args, defaults: dict[str, Any]) -> dic
     """Train and evaluate one method with one seed; every number of that run."""
     import torch
 
-    from peft_lowrank_ext.training import fit
+    from peft_lowrank_ext.train.loop import fit
 
     steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -357,7 +357,7 @@ def resolve_targets(args, num_labels: int) -> list[str]:
 
         from transformers import AutoConfig
 
-        from peft_lowrank_ext.training import default_target_modules, resolve_model_path
+        from peft_lowrank_ext.train.loop import default_target_modules, resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))  # no weights, no torch work
         _TARGETS_CACHE[args.model] = default_target_modules(SimpleNamespace(config=config))
@@ -376,8 +376,8 @@ def _run_autolora(settings: dict[str, Any], data, args, seed: int) -> dict[str, 
     from peft import get_peft_model
 
     from peft_lowrank_ext import AutoLoraSearch, autolora_select, retrain_lora_config
-    from peft_lowrank_ext.datasets_io import TextClassificationData
-    from peft_lowrank_ext.training import _collate, _encode, fit, load_model_and_tokenizer, set_seed
+    from peft_lowrank_ext.train.data import TextClassificationData
+    from peft_lowrank_ext.train.loop import _collate, _encode, fit, load_model_and_tokenizer, set_seed
 
     frac = settings["config"]["held_out_fraction"]
     split = data.train.train_test_split(test_size=frac, seed=seed)
@@ -447,7 +447,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # ----- driver ---------------------------------------------------------------------------------------
-from peft_lowrank_ext.arg_types import (  # noqa: E402
+from peft_lowrank_ext.cli.arg_types import (  # noqa: E402
     nonnegative_int as _nonnegative_int,
     positive_float as _positive_float,
     positive_int as _positive_int,
@@ -525,7 +525,7 @@ def worker(args) -> int:
 
 
 def _payload(args, argv, data, defaults, runs, started, load_start, finished=False) -> dict[str, Any]:
-    from peft_lowrank_ext.training import resolve_model_path
+    from peft_lowrank_ext.train.loop import resolve_model_path
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     return {

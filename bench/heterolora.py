@@ -18,7 +18,7 @@ puts ``r = 8 · 0.25 = 2`` on all 24 (the comparison the paper makes), so both t
    and LoRA r = 8 on the same 6 modules. Models alternate in short rounds so machine load hits all
    alike; medians are reported.
 3. **Accuracy** on the bundled review-sentiment data with the shared training loop
-   (``peft_lowrank_ext.training.train_classifier``, no HeteroLoRA-specific code: allocation happens
+   (``peft_lowrank_ext.train.loop.train_classifier``, no HeteroLoRA-specific code: allocation happens
    by itself in the first ``proxy_batches`` steps): LoRA r = 2 on all 24, HeteroLoRA static and
    dynamic with ``grad_norm``, and HeteroLoRA with random allocation (``constant``).
 
@@ -51,7 +51,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_lowrank_ext  # noqa: E402,F401 - registers HeteroLoRA
 from peft_lowrank_ext import HeteroLoraConfig, heterolora_allocation, heterolora_score  # noqa: E402
-from peft_lowrank_ext.heterolora.allocation import adapted_root, candidates, pre_step, read_state  # noqa: E402
+from peft_lowrank_ext.tuners.heterolora.allocation import adapted_root, candidates, pre_step, read_state  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 R, BUDGET = 8, 0.25
@@ -59,7 +59,7 @@ MRPC_TRAIN_ROWS = 3668
 
 
 def _model():
-    from peft_lowrank_ext.training import load_model_and_tokenizer
+    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, num_labels=2)
 
@@ -79,7 +79,7 @@ def lora_uniform(seed: int) -> LoraConfig:
 
 
 def _batches(tokenizer, n: int, batch: int, seq: int, seed: int = 0):
-    from peft_lowrank_ext.datasets_io import load_text_classification
+    from peft_lowrank_ext.train.data import load_text_classification
 
     data = load_text_classification()
     gen = torch.Generator().manual_seed(seed)
@@ -208,8 +208,8 @@ def captured_targets(_data) -> list[str]:
 
 # ----- 3: accuracy ----------------------------------------------------------------------------------
 def accuracy(epochs: float, seeds: list[int], lr: float, batch: int, max_length: int) -> list[dict]:
-    from peft_lowrank_ext.datasets_io import load_text_classification
-    from peft_lowrank_ext.training import TrainingConfig, train_classifier
+    from peft_lowrank_ext.train.data import load_text_classification
+    from peft_lowrank_ext.train.loop import TrainingConfig, train_classifier
 
     data = load_text_classification()
     rows = []
@@ -232,7 +232,7 @@ def accuracy(epochs: float, seeds: list[int], lr: float, batch: int, max_length:
                 if isinstance(peft_config, HeteroLoraConfig):
                     from peft import PeftModel
 
-                    from peft_lowrank_ext.training import load_model_and_tokenizer
+                    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
 
                     net, _ = load_model_and_tokenizer(None, 2)
                     captured = heterolora_allocation(PeftModel.from_pretrained(net, out))

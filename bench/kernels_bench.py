@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.report_sm90:
-        from peft_lowrank_ext.kernels import sm90_report
+        import sm90_report  # a developer tool beside this script, not part of the package
 
         return sm90_report.main(["--write", args.report_path])
     if not torch.cuda.is_available():

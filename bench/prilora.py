@@ -12,7 +12,7 @@ Runs on CPU in a few minutes with the packaged all-MiniLM-L6-v2 (6 blocks, hidde
 2. **Memory**: bytes of PRILoRA's statistics (EMA buffer, step counter, the transient per-step sum)
    and of the element masks, against the adapter weights.
 3. **Accuracy** on the bundled review-sentiment data (``peft_lowrank_ext/data``) with the shared
-   training loop (``peft_lowrank_ext.training.train_classifier``): LoRA r = 8, PRILoRA 4 → 12
+   training loop (``peft_lowrank_ext.train.loop.train_classifier``): LoRA r = 8, PRILoRA 4 → 12
    (equal average rank) with pruning, and PRILoRA 4 → 12 without pruning (ranks only).
 
     python bench/prilora.py [--epochs 3] [--seeds 0] [--out bench/prilora.json]
@@ -43,14 +43,14 @@ from safetensors.torch import load_file  # noqa: E402
 
 import peft_lowrank_ext  # noqa: E402,F401 - registers PRILoRA
 from peft_lowrank_ext import PriLoraConfig, prilora_ranks  # noqa: E402
-from peft_lowrank_ext.prilora import PriLoraLayer  # noqa: E402
+from peft_lowrank_ext.tuners.prilora import PriLoraLayer  # noqa: E402
 
 TARGETS = ["query", "value"]
 ALPHA = 16.0
 
 
 def _model():
-    from peft_lowrank_ext.training import load_model_and_tokenizer
+    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(None, num_labels=2)
     return model, tokenizer
@@ -128,7 +128,7 @@ def time_steps(rounds: int, steps_per_round: int, batch: int, seq: int) -> dict:
 
 def own_overhead(model, batch: int, seq: int, repeats: int = 20) -> dict:
     """PRILoRA's own work per optimizer step, timed alone (less sensitive to machine load than whole steps)."""
-    from peft_lowrank_ext.prilora import prilora_post_step
+    from peft_lowrank_ext.tuners.prilora import prilora_post_step
 
     root = model.base_model.model
     layers = [m for m in root.modules() if isinstance(m, PriLoraLayer)]
@@ -179,8 +179,8 @@ def memory(model) -> dict:
 
 # ----- 3. accuracy --------------------------------------------------------------------------------
 def accuracy(epochs: float, seeds: list[int], lr: float) -> list[dict]:
-    from peft_lowrank_ext.datasets_io import load_text_classification
-    from peft_lowrank_ext.training import TrainingConfig, train_classifier
+    from peft_lowrank_ext.train.data import load_text_classification
+    from peft_lowrank_ext.train.loop import TrainingConfig, train_classifier
 
     data = load_text_classification()
     rows = []

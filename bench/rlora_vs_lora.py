@@ -48,7 +48,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 
 
 # ----- memory: the package's own readers of /proc/self/status ------------------------------------------
-from peft_lowrank_ext.training import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+from peft_lowrank_ext.train.loop import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 
 # ----- models -------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def build_minilm():
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from peft_lowrank_ext.training import packaged_model_path
+    from peft_lowrank_ext.train.loop import packaged_model_path
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -172,7 +172,7 @@ def measure(model_name: str, method: str, args) -> dict:
 
 # ----- driver -------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
-    from peft_lowrank_ext.cli import human_bytes
+    from peft_lowrank_ext.cli.main import human_bytes
 
     head = ["model", "method", "trainable params", "adapter file", "Adam state", "RSS before train",
             "peak RSS in steps", "step time (median)"]

@@ -136,7 +136,7 @@ def measure(model_name: str, method: str, r: int, args) -> dict[str, Any]:
     from peft import get_peft_model
 
     import peft_lowrank_ext  # noqa: F401
-    from peft_lowrank_ext.training import count_parameters
+    from peft_lowrank_ext.train.loop import count_parameters
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from peft_lowrank_ext import HeteroLoraConfig, PriLoraConfig, RLoraConfig
-from peft_lowrank_ext.datasets_io import load_text_classification
-from peft_lowrank_ext.training import (count_parameters, head_and_adapter_groups, load_model_and_tokenizer,
+from peft_lowrank_ext.train.data import load_text_classification
+from peft_lowrank_ext.train.loop import (count_parameters, head_and_adapter_groups, load_model_and_tokenizer,
                                        resolve_model_path, set_seed)
 
 
@@ -47,7 +47,7 @@ def simple_method_config(method: str, num_train: int, target_modules=("query", "
     raise ValueError(f"method={method!r} is not allowed; choose one of {SIMPLE_METHODS}")
 
 
-from peft_lowrank_ext.arg_types import positive_float, positive_int  # noqa: E402,F401  (argparse types)
+from peft_lowrank_ext.cli.arg_types import positive_float, positive_int  # noqa: E402,F401  (argparse types)
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None = 2e-3, epochs: float = 3.0) -> None:

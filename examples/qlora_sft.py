@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import export_lora
-from peft_lowrank_ext.training import default_target_modules
+from peft_lowrank_ext.train.loop import default_target_modules
 from example_utils import output_folder, positive_float, positive_int, quiet_hf_logging, require_same_logits
 from sft_causal_lm import DEFAULT_LR, load_texts, peft_config_for, summary
 

@@ -35,8 +35,8 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import (AutoLoraConfig, AutoLoraSearch, HeteroLoraConfig, PriLoraConfig, RLoraConfig,
                               autolora_select, heterolora_allocation, pac_bayes_stats, prilora_sparsity)
-from peft_lowrank_ext.datasets_io import load_table, load_text_classification
-from peft_lowrank_ext.training import default_target_modules
+from peft_lowrank_ext.train.data import load_table, load_text_classification
+from peft_lowrank_ext.train.loop import default_target_modules
 from example_utils import output_folder, positive_float, positive_int, quiet_hf_logging, require_same_logits
 
 METHODS = ("rlora", "autolora", "prilora", "heterolora")

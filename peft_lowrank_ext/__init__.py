@@ -4,9 +4,8 @@ After ``import peft_lowrank_ext``, ``get_peft_model(model, RLoraConfig(...))``, 
 ``PeftModel.from_pretrained``, ``AutoPeftModel*`` and transformers' ``load_adapter`` work as for LoRA.
 """
 
-from .registry import register_method
-from .rlora import RLoraConfig, RLoraModel, pac_bayes_stats
-from .autolora import (
+from .tuners.rlora import RLoraConfig, RLoraModel, pac_bayes_stats
+from .tuners.autolora import (
     AutoLoraConfig,
     AutoLoraModel,
     AutoLoraSearch,
@@ -15,17 +14,12 @@ from .autolora import (
     retrain_lora_config,
     run_autolora,
 )
-from .prilora import PriLoraConfig, PriLoraModel, prilora_ranks, prilora_sparsity, prilora_step
-from .heterolora import HeteroLoraConfig, HeteroLoraModel, heterolora_allocation, heterolora_score
+from .tuners.prilora import PriLoraConfig, PriLoraModel, prilora_ranks, prilora_sparsity, prilora_step
+from .tuners.heterolora import HeteroLoraConfig, HeteroLoraModel, heterolora_allocation, heterolora_score
 
-register_method("rlora", RLoraConfig, RLoraModel)
-register_method("autolora", AutoLoraConfig, AutoLoraModel)
-register_method("prilora", PriLoraConfig, PriLoraModel)
-register_method("heterolora", HeteroLoraConfig, HeteroLoraModel)
-
-from .export import export_lora  # noqa: E402
-from .integrity import CorruptFileError, verify_adapter_folder, verify_checkpoint  # noqa: E402
-from .integrity import install as _install_integrity_checks  # noqa: E402
+from .export import export_lora
+from .runtime.integrity import CorruptFileError, verify_adapter_folder, verify_checkpoint
+from .runtime.integrity import install as _install_integrity_checks
 
 _install_integrity_checks()
 

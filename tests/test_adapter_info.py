@@ -12,9 +12,9 @@ from peft import LoraConfig, get_peft_model
 from methods import METHODS, lm_batches
 from models import TINY_MODELS
 from peft_lowrank_ext import AutoLoraSearch, HeteroLoraConfig, PriLoraConfig, autolora_select, export_lora
-from peft_lowrank_ext.adapter_info import AdapterInfo, describe_adapter, format_adapter_info
-from peft_lowrank_ext.heterolora.layer import HeteroLoraLayer, HeteroShortcut
-from peft_lowrank_ext.ranks import module_ranks
+from peft_lowrank_ext.cli.adapter_info import AdapterInfo, describe_adapter, format_adapter_info
+from peft_lowrank_ext.tuners.heterolora.layer import HeteroLoraLayer, HeteroShortcut
+from peft_lowrank_ext.train.ranks import module_ranks
 
 GPT2 = TINY_MODELS["gpt2"]
 NOT_ON_DISK = "nowhere/not-a-real-base-model"  # describe_adapter must never try to load it

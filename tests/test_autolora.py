@@ -17,7 +17,7 @@ from peft_lowrank_ext import (
     retrain_lora_config,
     run_autolora,
 )
-from peft_lowrank_ext.autolora.layer import AutoLoraLayer
+from peft_lowrank_ext.tuners.autolora.layer import AutoLoraLayer
 from methods import lm_batches
 from models import TINY_MODELS
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
@@ -117,7 +117,7 @@ def _plain_masked_lowrank(x, a, b, gate, scale, mask=None):
 
 def test_second_order_matches_the_exact_unrolled_hypergradient(monkeypatch):
     """DARTS' finite difference ≈ d/dβ L_val(w − ξ ∇_w L_train(w, β), β), computed here exactly."""
-    import peft_lowrank_ext.gated.layer as gated_layer
+    import peft_lowrank_ext.tuners.gated.layer as gated_layer
 
     xi = 0.5
     base = LLAMA.build()
@@ -146,7 +146,7 @@ def test_second_order_matches_the_exact_unrolled_hypergradient(monkeypatch):
         m._store("beta")["default"] = orig
     monkeypatch.undo()
 
-    import peft_lowrank_ext.autolora.search as search_mod
+    import peft_lowrank_ext.tuners.autolora.search as search_mod
 
     recorded = {}
     monkeypatch.setattr(search_mod, "_adam_update",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_lowrank_ext import cli
-from peft_lowrank_ext.cli_methods import METHODS
+from peft_lowrank_ext.cli import main as cli
+from peft_lowrank_ext.cli.recipes import METHODS
 from test_training import easy_rows, save_tiny_bert, write_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

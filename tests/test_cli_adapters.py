@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_lowrank_ext import cli
+from peft_lowrank_ext.cli import main as cli
 from test_training import easy_rows, save_tiny_bert, write_csv
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peft_lowrank_ext import cli
+from peft_lowrank_ext.cli import main as cli
 from test_training import easy_rows, save_tiny_bert, write_csv
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models import tiny_llama
-from peft_lowrank_ext import cli
+from peft_lowrank_ext.cli import main as cli
 from trainer_utils import make_tokenizer, text_dataset
 
 

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from peft import get_peft_model
 
 from peft_lowrank_ext import AutoLoraConfig, HeteroLoraConfig, PriLoraConfig, RLoraConfig
-from peft_lowrank_ext.heterolora.config import SHORTCUT_KINDS
+from peft_lowrank_ext.tuners.heterolora.config import SHORTCUT_KINDS
 from models import TINY_MODELS
 
 LLAMA = TINY_MODELS["llama"]  # targets below: q_proj (32 -> 32) and v_proj (32 -> 16), 2 blocks

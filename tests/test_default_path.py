@@ -19,7 +19,7 @@ from methods import METHODS
 from models import tiny_llama
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 from peft_lowrank_ext import export_lora, prilora_step
-from peft_lowrank_ext.heterolora import heterolora_allocation
+from peft_lowrank_ext.tuners.heterolora import heterolora_allocation
 
 TARGETS = ("q_proj", "v_proj")
 ATOL = 2e-6

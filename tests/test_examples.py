@@ -52,7 +52,7 @@ def build_tiny_causal_lm(folder: Path, hidden_size: int = 32) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from peft_lowrank_ext.datasets_io import load_text_classification
+    from peft_lowrank_ext.train.data import load_text_classification
 
     texts = list(load_text_classification().train["text"])
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))

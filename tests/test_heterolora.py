@@ -18,9 +18,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import HeteroLoraConfig, export_lora, heterolora_allocation, heterolora_score
-from peft_lowrank_ext.gated import layer as gated_layer
-from peft_lowrank_ext.heterolora import HeteroLoraLayer, HeteroShortcut, budget_count
-from peft_lowrank_ext.heterolora.shortcuts import SHORTCUT_ATTR, TAP_ATTR
+from peft_lowrank_ext.tuners.gated import layer as gated_layer
+from peft_lowrank_ext.tuners.heterolora import HeteroLoraLayer, HeteroShortcut, budget_count
+from peft_lowrank_ext.tuners.heterolora.shortcuts import SHORTCUT_ATTR, TAP_ATTR
 from models import TINY_MODELS
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 
@@ -445,7 +445,7 @@ def test_ddp_without_unused_parameter_errors():
         sys.path.insert(0, sys.argv[1])
         from peft import get_peft_model
         from peft_lowrank_ext import HeteroLoraConfig, heterolora_allocation
-        from peft_lowrank_ext.heterolora.layer import HeteroLoraLayer
+        from peft_lowrank_ext.tuners.heterolora.layer import HeteroLoraLayer
         from models import TINY_MODELS
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
         dist.init_process_group("gloo", rank=0, world_size=1)

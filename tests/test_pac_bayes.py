@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import RLoraConfig, pac_bayes_stats
-from peft_lowrank_ext.rlora.layer import RLoraLayer
+from peft_lowrank_ext.tuners.rlora.layer import RLoraLayer
 from models import TINY_MODELS
 from trainer_utils import GradientCapture, lm_dataset, make_tokenizer, text_dataset
 

@@ -27,8 +27,8 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import PriLoraConfig, export_lora, prilora_ranks, prilora_sparsity, prilora_step
-from peft_lowrank_ext.prilora import PriLoraLayer, importance, prune_mask, scheduled_sparsity
-from peft_lowrank_ext.prilora.model import prilora_post_step
+from peft_lowrank_ext.tuners.prilora import PriLoraLayer, importance, prune_mask, scheduled_sparsity
+from peft_lowrank_ext.tuners.prilora.model import prilora_post_step
 from models import MINILM, TINY_MODELS, VOCAB
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 

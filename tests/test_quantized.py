@@ -25,8 +25,8 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # no
 
 import peft_lowrank_ext  # noqa: E402,F401  (registers the methods with PEFT)
 from peft_lowrank_ext import export_lora  # noqa: E402
-from peft_lowrank_ext.base_layer import AdditiveAdapterLayer  # noqa: E402
-from peft_lowrank_ext.quantized import dequantize  # noqa: E402
+from peft_lowrank_ext.tuners._base.layer import AdditiveAdapterLayer  # noqa: E402
+from peft_lowrank_ext.tuners._base.quantized import dequantize  # noqa: E402
 from methods import METHODS, lm_batches  # noqa: E402
 from models import TINY_MODELS, VOCAB  # noqa: E402
 

@@ -15,11 +15,11 @@ from peft import LoraConfig, get_peft_model
 from methods import METHODS, lm_batches
 from models import TINY_MODELS
 from peft_lowrank_ext import AutoLoraSearch, HeteroLoraConfig, autolora_ranks, autolora_select
-from peft_lowrank_ext.gated.layer import GatedLoraLayer
-from peft_lowrank_ext.heterolora.layer import HeteroShortcut
-from peft_lowrank_ext.plots import plot_loss_curves, plot_rank_heatmap, plot_rank_history
-from peft_lowrank_ext.ranks import RankHistory, layer_and_type, module_ranks, rank_grid
-from peft_lowrank_ext.rlora.layer import RLoraLayer
+from peft_lowrank_ext.tuners.gated.layer import GatedLoraLayer
+from peft_lowrank_ext.tuners.heterolora.layer import HeteroShortcut
+from peft_lowrank_ext.train.plots import plot_loss_curves, plot_rank_heatmap, plot_rank_history
+from peft_lowrank_ext.train.ranks import RankHistory, layer_and_type, module_ranks, rank_grid
+from peft_lowrank_ext.tuners.rlora.layer import RLoraLayer
 
 GPT2 = TINY_MODELS["gpt2"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import peft_lowrank_ext
-from peft_lowrank_ext.registry import check_prefix_is_unique, register_method
+from peft_lowrank_ext.tuners._base.registry import check_prefix_is_unique, register_method
 
 OWN = {
     "RLORA": ("rlr_", peft_lowrank_ext.RLoraConfig, peft_lowrank_ext.RLoraModel),
@@ -67,7 +67,7 @@ def _interpreters():
 
 def test_enum_extension_on_every_available_python():
     """The enum trick relies on CPython internals: exercise it on each interpreter present (stdlib only)."""
-    path = os.path.join(os.path.dirname(peft_lowrank_ext.__file__), "_enum_ext.py")
+    path = os.path.join(os.path.dirname(peft_lowrank_ext.__file__), "tuners", "_base", "peft_type.py")
     script = textwrap.dedent(
         """
         import enum, importlib.util, pickle, sys

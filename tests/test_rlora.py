@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from peft_lowrank_ext import RLoraConfig
 from peft_lowrank_ext.kernels.hadamard import hadamard_matrix
-from peft_lowrank_ext.rlora.layer import RLoraLayer
-from peft_lowrank_ext.rlora.projection import FastfoodProjection, fastfood_project, next_power_of_two
+from peft_lowrank_ext.tuners.rlora.layer import RLoraLayer
+from peft_lowrank_ext.tuners.rlora.projection import FastfoodProjection, fastfood_project, next_power_of_two
 from models import TINY_MODELS
 
 

@@ -17,8 +17,8 @@ import torch
 
 import peft_lowrank_ext  # noqa: F401  (registers RLoRA with PEFT)
 from peft_lowrank_ext.data import EVAL_CSV, TRAIN_CSV, make_dataset
-from peft_lowrank_ext.datasets_io import FORMATS, load_table, load_text_classification
-from peft_lowrank_ext.training import (
+from peft_lowrank_ext.train.data import FORMATS, load_table, load_text_classification
+from peft_lowrank_ext.train.loop import (
     TrainingConfig,
     count_parameters,
     default_target_modules,
@@ -299,7 +299,7 @@ def test_lora_training_learns_and_reports_metrics(tiny_model, easy_data, tmp_pat
 def test_fit_changes_only_the_adapter_and_head(tiny_model, easy_data):
     from peft import get_peft_model
 
-    from peft_lowrank_ext.training import fit
+    from peft_lowrank_ext.train.loop import fit
 
     net, tok = load_model_and_tokenizer(tiny_model, 2)
     model = get_peft_model(net, _lora())
@@ -358,7 +358,7 @@ def test_rlora_pac_bayes_term_acts_in_the_plain_loop(tiny_model, easy_data):
 def test_head_gets_its_own_learning_rate(tiny_model, easy_data):
     from peft import get_peft_model
 
-    from peft_lowrank_ext.training import head_and_adapter_groups
+    from peft_lowrank_ext.train.loop import head_and_adapter_groups
 
     net, _ = load_model_and_tokenizer(tiny_model, 2)
     model = get_peft_model(net, _lora())

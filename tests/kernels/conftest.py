@@ -54,7 +54,8 @@ def _command(name: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
     if name == "sm90":  # one worker: the interpreter jobs keep the other core busy
         env["TRITON_INTERPRET"] = "0"
         args = ["--workers", "1", "--json", str(workdir / SM90_JSON)]
-        code = f"from peft_lowrank_ext.kernels import sm90_report; sys.exit(sm90_report.main({args!r}))"
+        code = (f"sys.path.insert(0, {str(ROOT / 'bench')!r}); import sm90_report; "
+                f"sys.exit(sm90_report.main({args!r}))")
     else:
         env["TRITON_INTERPRET"] = "1"
         args = ["-q", "-p", "no:cacheprovider", str(HERE / f"{name}.py")]

@@ -1,0 +1,246 @@
+"""Compile every Triton kernel configuration for H100 (sm_90) without a GPU and report resources.
+
+Passing the interpreter does not prove a kernel compiles, nor that it fits: this builds each
+binary the launchers can use with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (Triton runs
+the ``ptxas`` shipped in its wheel; its ``-v`` log gives registers and spills) and reports
+registers, spills and shared memory. ``python bench/kernels_bench.py --report-sm90`` (or ``python
+bench/sm90_report.py --write FILE``) writes the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+SHARED_LIMIT = 232448  # bytes of shared memory one H100 block may use (227 KiB)
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                 torch.int64: "i64", torch.int32: "i32"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compilation: a kernel, its pointer types and its constexprs."""
+
+    module: str
+    kernel: str
+    config: str
+    pointer_types: tuple[tuple[str, str], ...]
+    constexprs: tuple[tuple[str, object], ...]
+    num_warps: int
+
+
+@dataclasses.dataclass
+class CompileResult:
+    spec: KernelSpec
+    registers: int = -1
+    spill_bytes: int = -1
+    shared_bytes: int = -1
+    seconds: float = 0.0
+    error: str | None = None
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the launchers can launch.
+
+
+def _fwht_roles() -> dict[str, tuple[torch.dtype, torch.dtype]]:
+    """(input dtype, output dtype) of every transform the launchers run."""
+    roles = {f"fwht {_TRITON_TYPES[dt]}": (dt, dt) for dt in (torch.float32, torch.float16, torch.bfloat16)}
+    roles["fastfood"] = (torch.float32, torch.float32)  # all four fused transforms
+    return roles
+
+
+def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
+    """Every distinct pass binary of ``hadamard_transform`` for lengths 2^4 .. 2^max_log2.
+
+    The fusion switches are runtime flags, so a binary is fixed by tile shape, dtypes and SPLIT.
+    """
+    from peft_lowrank_ext.kernels._triton_hadamard import MIN_LOG2, NUM_WARPS, plan_passes, split_dot
+
+    specs: dict[tuple, KernelSpec] = {}
+    for role, (src_dt, dst_dt) in _fwht_roles().items():
+        split = split_dot(dst_dt)
+        for log2_n in range(MIN_LOG2, max_log2 + 1):
+            for plan in plan_passes(log2_n):
+                cfg = plan.config
+                src = _TRITON_TYPES[src_dt if plan.first else torch.float32]
+                dst = _TRITON_TYPES[dst_dt if plan.last else torch.float32]
+                key = (cfg, src, dst, split)
+                if key in specs:
+                    continue
+                ptrs = {"x_ptr": src, "y_ptr": dst, "in_idx_ptr": "i64", "out_idx_ptr": "i64"}
+                cx = dict(LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided, SPLIT=split)
+                layout = "strided" if cfg.strided else "contiguous"
+                config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={NUM_WARPS} {src}->{dst} "
+                          f"{'split-tf32' if split else 'tf32'} ({role})")
+                specs[key] = KernelSpec("peft_lowrank_ext.kernels._triton_hadamard", "fwht_pass_kernel", config,
+                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS)
+    return list(specs.values())
+
+
+def masked_lowrank_specs() -> list[KernelSpec]:
+    """Each kernel at each compiled rank width and dot precision, with mask and gate gradient on."""
+    from peft_lowrank_ext.kernels import _triton_masked_lowrank as mlr
+
+    specs = []
+    kernels = [("masked_lowrank_fwd_kernel", {"BLOCK_K": mlr.BLOCK_K}),
+               ("masked_lowrank_bwd_rows_kernel", {"BLOCK_K": mlr.BLOCK_K, "GATE_GRAD": True}),
+               ("masked_lowrank_bwd_weights_kernel", {})]
+    for dtype in (torch.float32, torch.bfloat16):
+        dt = _TRITON_TYPES[dtype]
+        precision = mlr.dot_precision(torch.empty(0, dtype=dtype))
+        ptrs = {name: dt for name in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "dy_ptr", "dx_ptr")}
+        ptrs["order_ptr"] = "i32"
+        for r in (16, mlr.MAX_RANK):
+            cfg, warps = mlr.rank_config(r), mlr.NUM_WARPS
+            for kernel, extra in kernels:
+                cx = dict(cfg, HAS_MASK=True, BLOCK_N=mlr.BLOCK_N, BLOCK_D=mlr.BLOCK_D, PRECISION=precision, **extra)
+                config = (f"R_PAD={cfg['R_PAD']} widths={[cfg['R_PAD'] >> i for i in range(cfg['LEVELS'] + 1)]} "
+                          f"warps={warps} {dt} {precision} mask" + (" dg" if extra.get("GATE_GRAD") else ""))
+                specs.append(KernelSpec("peft_lowrank_ext.kernels._triton_masked_lowrank", kernel, config,
+                                        tuple(ptrs.items()), tuple(cx.items()), warps))
+    return specs
+
+
+def all_specs() -> list[KernelSpec]:
+    return masked_lowrank_specs() + fwht_specs()  # slowest first: balances the worker pool
+
+
+# ----------------------------------------------------------------------------------------------
+# Compilation.
+
+
+def _signature(fn, spec: KernelSpec) -> dict[str, str]:
+    ptrs, cx = dict(spec.pointer_types), dict(spec.constexprs)
+    sig = {}
+    for name in fn.arg_names:
+        if name in cx:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs.get(name, "fp32")  # fp32 factors, gate, masks and workspaces
+        else:
+            sig[name] = "fp32" if name == "scale" else "i32"
+    return sig
+
+
+def _ptxas_log(ptx: str) -> str:
+    """``ptxas -v`` on the PTX Triton produced (when Triton's own run was skipped by its cache)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+        cmd = [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", src + ".o"]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+
+
+def _compile(spec: KernelSpec):
+    """``triton.compile`` for sm_90, returning the kernel and the ``ptxas -v`` log of its cubin."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(spec.module), spec.kernel)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+    src = ASTSource(fn, _signature(fn, spec), dict(spec.constexprs), attrs)
+    log = io.StringIO()
+    with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.nvidia.dump_ptxas_log = True  # Triton already runs ptxas -v: keep its log
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps})
+    return compiled, log.getvalue() or _ptxas_log(compiled.asm["ptx"])
+
+
+def compile_spec(spec: KernelSpec) -> CompileResult:
+    """Compile one spec for sm_90; never raises (errors are part of the result)."""
+    result = CompileResult(spec)
+    start = time.perf_counter()
+    try:
+        compiled, log = _compile(spec)
+        result.registers = int(re.search(r"Used (\d+) registers", log).group(1))
+        result.spill_bytes = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+        result.shared_bytes = compiled.metadata.shared
+    except Exception as exc:  # noqa: BLE001 - reported, and the test fails on it
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - start
+    result.problems = _problems(result)
+    return result
+
+
+def _problems(r: CompileResult) -> list[str]:
+    if r.error:
+        return [r.error.splitlines()[0]]
+    problems = []
+    if r.spill_bytes:
+        problems.append(f"{r.spill_bytes} bytes of register spills")
+    if r.shared_bytes > SHARED_LIMIT:
+        problems.append(f"{r.shared_bytes} bytes of shared memory > {SHARED_LIMIT}")
+    return problems
+
+
+def compile_all(specs: list[KernelSpec] | None = None, workers: int | None = None) -> list[CompileResult]:
+    specs = all_specs() if specs is None else specs
+    workers = workers or os.cpu_count() or 1
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch default; silences a warning
+    if workers == 1:
+        return [compile_spec(s) for s in specs]
+    import multiprocessing
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(compile_spec, specs))
+
+
+def markdown(results: list[CompileResult]) -> str:
+    lines = [
+        "# Triton kernels compiled for sm_90 (H100) without a GPU",
+        "",
+        "Generated by `python bench/kernels_bench.py --report-sm90` (`bench/sm90_report.py`):",
+        "`triton.compile` with `GPUTarget(\"cuda\", 90, 32)`, then `ptxas -v` from the Triton wheel.",
+        f"Shared memory is Triton's per-block allocation (H100 limit {SHARED_LIMIT} bytes).",
+        "",
+        "| kernel | config | registers | spills (bytes) | shared memory (bytes) | status |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        status = "; ".join(r.problems) or "ok"
+        lines.append(f"| {r.spec.kernel} | {r.spec.config} | {r.registers} | {r.spill_bytes} | "
+                     f"{r.shared_bytes} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", metavar="FILE", help="also write the markdown report to FILE")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (for the tests)")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    results = compile_all(workers=args.workers)
+    report = markdown(results)
+    print(report)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f)
+    return 1 if any(r.problems for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

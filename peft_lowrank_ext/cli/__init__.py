@@ -1,0 +1,1 @@
+"""``python -m peft_lowrank_ext``: compare, train, export and inspect from the command line (``main``)."""

@@ -1,0 +1,72 @@
+"""Configuration of AutoLoRA (Zhang, Qiang, Somayajula, Xie, NAACL 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft.utils import PeftType
+
+from .._base.checks import MAX_RANK, check_choice, check_int, check_real
+from .._base.config import LowRankPeftConfig
+
+HYPERGRADIENTS = ("second_order", "first_order")
+PHASES = ("search", "selected")
+
+
+@dataclass
+class AutoLoraConfig(LowRankPeftConfig):
+    """AutoLoRA search phase: ``ΔW = s · B · diag(α) · A`` with ``α = softmax(β)`` per module.
+
+    A and B train on the training data with the user's optimizer; β trains on held-out data by
+    bi-level (meta) learning at every optimizer step (see ``AutoLoraSearch``). Thresholding α
+    gives per-module ranks (``autolora_select``), which a fresh LoRA is retrained with
+    (``retrain_lora_config`` / ``run_autolora``).
+    """
+
+    r: int = field(default=8, metadata={"help": "Search rank: number of rank-1 components per module."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = lora_alpha / r (fixed)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    threshold: Optional[float] = field(
+        default=None, metadata={"help": "Keep component j if α_j ≥ threshold, in (0, 1]; None means 1/r."}
+    )
+    hypergradient: str = field(
+        default="second_order",
+        metadata={"help": "'second_order' (DARTS finite-difference, the authors') or 'first_order' (cheaper)."},
+    )
+    arch_lr: float = field(default=3e-4, metadata={"help": "Adam learning rate for β."})
+    arch_beta1: float = field(default=0.5, metadata={"help": "Adam β1 for β (authors: 0.5)."})
+    arch_beta2: float = field(default=0.999, metadata={"help": "Adam β2 for β."})
+    arch_eps: float = field(default=1e-8, metadata={"help": "Adam ε for β."})
+    virtual_lr: Optional[float] = field(
+        default=None, metadata={"help": "Step size ξ of the look-ahead w' = w − ξ∇L_train; None: the optimizer's lr."}
+    )
+    fd_epsilon: float = field(default=0.01, metadata={"help": "Finite-difference radius numerator: ε = fd_epsilon/‖v‖."})
+    held_out_fraction: float = field(
+        default=0.3, metadata={"help": "Share of the training set held out for β by run_autolora, in (0, 1)."}
+    )
+    phase: str = field(default="search", metadata={"help": "'search' (β learns) or 'selected' (ranks fixed)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.AUTOLORA
+        owner = type(self).__name__
+        self._check_lora_fields(owner)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
+        if self.threshold is not None:
+            check_real(owner, "threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        check_choice(owner, "hypergradient", self.hypergradient, HYPERGRADIENTS)
+        check_real(owner, "arch_lr", self.arch_lr, low=0.0, low_open=True)
+        check_real(owner, "arch_beta1", self.arch_beta1, low=0.0, high=1.0, high_open=True)
+        check_real(owner, "arch_beta2", self.arch_beta2, low=0.0, high=1.0, high_open=True)
+        check_real(owner, "arch_eps", self.arch_eps, low=0.0, low_open=True)
+        if self.virtual_lr is not None:
+            check_real(owner, "virtual_lr", self.virtual_lr, low=0.0)
+        check_real(owner, "fd_epsilon", self.fd_epsilon, low=0.0, low_open=True)
+        check_real(owner, "held_out_fraction", self.held_out_fraction, low=0.0, high=1.0, low_open=True,
+                   high_open=True)
+        check_choice(owner, "phase", self.phase, PHASES)
+
+    @property
+    def effective_threshold(self) -> float:
+        return self.threshold if self.threshold is not None else 1.0 / self.r

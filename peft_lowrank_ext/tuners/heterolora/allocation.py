@@ -1,0 +1,357 @@
+"""HeteroLoRA's allocation policy: scoring windows, top-k switching, history — in any training loop.
+
+Timeline of one adapter (``P = proxy_batches``, ``R = realloc_every``, ``t`` = optimizer steps done):
+
+* at wrap time every candidate is on; with ``proxy="constant"`` (or a budget that keeps every
+  candidate) the allocation is made right away and there is no scoring window;
+* **first allocation** — the first ``P`` optimizer steps are the scoring window: the training
+  forward/backward runs with every candidate on, the step's own gradients give the proxy (no extra
+  pass for ``grad_norm``/``snip``; SynFlow and the alpha test run their passes on the step's batch),
+  and the adapter gradients are then dropped, so no adapter weight moves — each module starts
+  training from its initial weights, exactly as if it had been scored before training. After the
+  ``P``-th step the top ``k`` candidates stay on;
+* **dynamic re-allocations** — every ``R`` steps after that: each of the last ``min(P, R)`` steps
+  before it scores its training batch (captured by a forward pre-hook) in an extra pass with every
+  candidate switched on, then the top ``k`` are switched on. Training steps always run with exactly
+  ``k`` candidates on.
+
+:func:`heterolora_score` replaces the first window by scoring on batches you give before training.
+The work runs in global optimizer-step hooks (``step_hooks``), so a plain loop, ``Trainer`` and
+``SFTTrainer`` all get it without extra code. Before every optimizer step the (zero) gradients that
+switched-off candidates get under DDP are removed. Under ``torch.distributed`` the scores are
+averaged over replicas before ranking and the tie-break is seeded by ``(seed, allocation index)``,
+so all replicas switch the same modules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .._base.tuner import adapted_root
+from ...runtime.distributed import fsdp_kind
+from .config import budget_count
+from .layer import (FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active,
+                    finite_score)
+from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
+
+LAST_BATCH_ATTR = "_heterolora_last_batch"
+CAPTURE_ATTR = "_heterolora_capture_handle"
+
+
+def candidates(root: nn.Module, adapter: str) -> list[Candidate]:
+    return [Candidate(name, module, adapter) for name, module in root.named_modules()
+            if isinstance(module, HeteroLoraLayer) and adapter in module._store("A")]
+
+
+def _default_adapter(root: nn.Module) -> str:
+    for module in root.modules():
+        if isinstance(module, HeteroLoraLayer):
+            return module.active_adapters[0]
+    raise ValueError("the model has no HeteroLoRA layers (wrap it with HeteroLoraConfig)")
+
+
+def training_groups(root: nn.Module) -> dict[str, list[Candidate]]:
+    """Candidates per adapter that is active and being trained (its A requires grad)."""
+    adapters: list[str] = []
+    for module in root.modules():
+        if isinstance(module, HeteroLoraLayer) and not module.disable_adapters and not module.merged:
+            for adapter in module.active_adapters:
+                store = module._store("A")
+                if adapter in store and store[adapter].requires_grad and adapter not in adapters:
+                    adapters.append(adapter)
+    return {adapter: candidates(root, adapter) for adapter in adapters}
+
+
+def _config(cands: list[Candidate]):
+    return cands[0].layer._store("config")[cands[0].adapter]
+
+
+def read_state(cands: list[Candidate]) -> list[int]:
+    return [int(v) for v in cands[0].layer._store("state")[cands[0].adapter].tolist()]
+
+
+@torch.no_grad()
+def write_state(cands: list[Candidate], values: list[int]) -> None:
+    for c in cands:
+        store = c.layer._store("state")[c.adapter]
+        store.copy_(torch.tensor(values, dtype=store.dtype, device=store.device))
+
+
+def _groups(cands: list[Candidate], ranking: str) -> list[list[int]]:
+    if ranking == "combined":
+        return [list(range(len(cands)))]
+    lora = [i for i, c in enumerate(cands) if c.kind == "lora"]
+    shortcut = [i for i, c in enumerate(cands) if c.kind != "lora"]
+    return [g for g in (lora, shortcut) if g]
+
+
+def needs_scoring(cands: list[Candidate], config) -> bool:
+    """False when the allocation does not depend on scores (constant proxy, or every candidate kept)."""
+    if config.proxy == "constant":
+        return False
+    return any(budget_count(config.budget, len(g)) < len(g) for g in _groups(cands, config.ranking))
+
+
+def window_length(cands: list[Candidate], config, n_alloc: int) -> int:
+    if not needs_scoring(cands, config):
+        return 0
+    return config.proxy_batches if n_alloc == 0 else min(config.proxy_batches, config.realloc_every)
+
+
+def in_window(cands: list[Candidate], config, state: list[int]) -> bool:
+    nxt = state[NEXT_ALLOC]
+    width = window_length(cands, config, state[N_ALLOC])
+    return nxt >= 0 and nxt - width < state[STEP] <= nxt
+
+
+# ----- scores -------------------------------------------------------------------------------------
+@torch.no_grad()
+def accumulate(cands: list[Candidate], main: torch.Tensor, fallback: Optional[torch.Tensor]) -> None:
+    """Add one batch's scores to the window sums; a batch whose score is not a number (a NaN gradient)
+    adds nothing, and the sums saturate at the largest float: the saved sums stay finite."""
+    for i, c in enumerate(cands):
+        total = c.layer._store("proxy_sum")[c.adapter]
+        total.copy_(finite_score(total + finite_score(main[i].to(total))))
+        if fallback is not None:
+            total = c.layer._store("gradnorm_sum")[c.adapter]
+            total.copy_(finite_score(total + finite_score(fallback[i].to(total))))
+
+
+def _replica_mean(values: torch.Tensor) -> torch.Tensor:
+    if not distributed_active() or torch.distributed.get_world_size() == 1:
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values / torch.distributed.get_world_size()
+
+
+def choose(scores: list[float], cands: list[Candidate], config, allocation_index: int) -> list[bool]:
+    """Top ``k`` per ranking group by score; exact ties (and NaN, ranked last) broken by a seeded draw."""
+    # Kept below 2**63: torch seeds are int64, and config.seed may be up to 2**62 (the integer-field cap).
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + allocation_index) % 2**63)
+    on = [False] * len(cands)
+    for group in _groups(cands, config.ranking):
+        k = budget_count(config.budget, len(group))
+        noise = torch.rand(len(group), generator=generator).tolist()
+        key = [(-(scores[i] if not math.isnan(scores[i]) else -math.inf), noise[j]) for j, i in enumerate(group)]
+        for j in sorted(range(len(group)), key=key.__getitem__)[:k]:
+            on[group[j]] = True
+    return on
+
+
+@torch.no_grad()
+def allocate(cands: list[Candidate], step: int) -> list[bool]:
+    """Switch the top ``k`` on and the rest off from the accumulated scores; record the allocation."""
+    config = _config(cands)
+    state = read_state(cands)
+    n_alloc, n_scored = state[N_ALLOC], max(state[N_SCORED], 1)
+    device = cands[0].layer._store("proxy_sum")[cands[0].adapter].device
+    main = torch.stack([c.layer._store("proxy_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
+    fallback = torch.stack([c.layer._store("gradnorm_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
+    main, fallback = _replica_mean(main), _replica_mean(fallback)
+    use_fallback = (config.proxy in ("snip", "synflow", "alpha_test") and needs_scoring(cands, config)
+                    and bool((main == 0).all()) and bool((fallback != 0).any()))
+    if use_fallback:
+        warnings.warn(
+            f"HeteroLoRA: every {config.proxy} score is exactly zero (B = 0 at initialisation gives zero SNIP/"
+            "SynFlow/alpha-test scores); this allocation uses the gradient norm ‖∇A‖+‖∇B‖ instead (recorded as "
+            "fallback).",
+            stacklevel=2,
+        )
+    scores = finite_score(fallback if use_fallback else main).cpu().tolist()
+    on = choose(scores, cands, config, n_alloc)
+    flags_extra = FLAG_FALLBACK if use_fallback else 0
+    for c, score, flag in zip(cands, scores, on):
+        layer, a = c.layer, c.adapter
+        layer.set_on(a, flag)
+        layer._store("proxy_last")[a].fill_(score)
+        layer._store("proxy_sum")[a].zero_()
+        layer._store("gradnorm_sum")[a].zero_()
+        slot = n_alloc % layer._store("hist_step")[a].numel()  # ring buffer of history_size entries
+        layer._store("hist_step")[a][slot] = step
+        layer._store("hist_proxy")[a][slot] = score
+        layer._store("hist_flags")[a][slot] = (FLAG_ON if flag else 0) | flags_extra
+    next_alloc = step + config.realloc_every - 1 if config.mode == "dynamic" else -1
+    write_state(cands, [state[STEP], n_alloc + 1, 0, next_alloc])
+    return on
+
+
+def init_allocation(root: nn.Module, adapter: str) -> None:
+    """Fresh timeline at wrap time: all on and a first scoring window — or the allocation right away."""
+    cands = candidates(root, adapter)
+    if not cands:
+        return
+    config = _config(cands)
+    for c in cands:
+        c.layer.set_on(c.adapter, True)
+    if needs_scoring(cands, config):
+        write_state(cands, [0, 0, 0, config.proxy_batches - 1])
+    else:
+        write_state(cands, [0, 0, 0, -1])
+        allocate(cands, step=0)
+
+
+# ----- the training-time hooks ------------------------------------------------------------------
+def capture_batch(root: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook: remember the latest training batch (what scoring passes run on)."""
+    if root.training and torch.is_grad_enabled() and not root.__dict__.get(BUSY_ATTR, False):
+        object.__setattr__(root, LAST_BATCH_ATTR, (args, kwargs))
+
+
+def install_hooks(root: nn.Module) -> None:
+    from ...runtime.step_hooks import register_step_callbacks
+
+    register_step_callbacks(root, "heterolora_allocation", pre=pre_step, post=post_step)
+    if root.__dict__.get(CAPTURE_ATTR) is None:
+        object.__setattr__(root, CAPTURE_ATTR, root.register_forward_pre_hook(capture_batch, with_kwargs=True))
+
+
+def _last_batch(root: nn.Module) -> Batch:
+    batch = root.__dict__.get(LAST_BATCH_ATTR)
+    if batch is None:
+        raise RuntimeError("HeteroLoRA: an optimizer step ran in a scoring window without a training forward pass "
+                           "of the model before it, so there is no batch to score")
+    return batch
+
+
+def pre_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Before each optimizer step: score in a window; drop gradients the optimizer must not apply."""
+    for adapter, cands in training_groups(root).items():
+        config = _config(cands)
+        state = read_state(cands)
+        if in_window(cands, config, state):
+            sharding = fsdp_kind(cands[0].a)
+            if sharding is not None:
+                raise RuntimeError(
+                    f"HeteroLoRA scoring window under {sharding} is not supported: proxy scoring needs "
+                    "the gradients of whole, unsharded A/B. Use DistributedDataParallel, or allocate before "
+                    "sharding (heterolora_score(model, batches), or proxy='constant') with mode='static'."
+                )
+            if state[N_ALLOC] == 0:
+                # First window: every candidate was on in this step's forward, so its gradients are the proxy's.
+                grads = [(c.a.grad, c.b.grad) for c in cands]
+                batch = _last_batch(root) if config.proxy in ("synflow", "alpha_test") else None
+                main, fallback = score_batch(root, batch, cands, config.proxy, config.alpha_test_tolerance, grads)
+                for c in cands:  # scoring only: no adapter weight moves in this window
+                    c.a.grad = None
+                    c.b.grad = None
+            else:
+                main, fallback = score_batch(root, _last_batch(root), cands, config.proxy,
+                                             config.alpha_test_tolerance)
+            accumulate(cands, main, fallback)
+            state[N_SCORED] += 1
+            write_state(cands, state)
+        for c in cands:
+            if not c.on:  # zero gradients from the DDP tie: no momentum / weight decay on switched-off modules
+                c.a.grad = None
+                c.b.grad = None
+
+
+def post_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """After each optimizer step: allocate at the end of a window, advance the step counter."""
+    for adapter, cands in training_groups(root).items():
+        state = read_state(cands)
+        t = state[STEP]
+        if state[NEXT_ALLOC] >= 0 and t >= state[NEXT_ALLOC]:
+            allocate(cands, step=t + 1)
+            state = read_state(cands)
+        state[STEP] = t + 1
+        write_state(cands, state)
+
+
+# ----- public helpers ---------------------------------------------------------------------------
+def _as_batch(batch: Any, device: torch.device) -> Batch:
+    move = lambda v: v.to(device) if torch.is_tensor(v) else v  # noqa: E731
+    if isinstance(batch, dict) or hasattr(batch, "keys"):
+        return (), {k: move(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return tuple(move(v) for v in batch), {}
+    return (move(batch),), {}
+
+
+def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional[str] = None) -> dict:
+    """Score every candidate on the first ``proxy_batches`` of ``batches`` and allocate now.
+
+    Use it before training to keep the first optimizer steps for training (otherwise they form the
+    scoring window). Batches are dicts of tensors as the model's forward takes them (with
+    ``labels`` for the loss-based proxies), e.g. a ``DataLoader`` of the training set. Returns
+    :func:`heterolora_allocation`.
+    """
+    root = adapted_root(model)
+    adapter = adapter_name or _default_adapter(root)
+    cands = candidates(root, adapter)
+    if not cands:
+        raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
+    config = _config(cands)
+    device = cands[0].a.device
+    state = read_state(cands)
+    for c in cands:  # scores of an unfinished training window would mix with these
+        c.layer._store("proxy_sum")[c.adapter].zero_()
+        c.layer._store("gradnorm_sum")[c.adapter].zero_()
+    scored = 0
+    for batch in itertools.islice(iter(batches), config.proxy_batches):
+        main, fallback = score_batch(root, _as_batch(batch, device), cands, config.proxy, config.alpha_test_tolerance)
+        accumulate(cands, main, fallback)
+        scored += 1
+    if scored == 0:
+        raise ValueError("heterolora_score: batches is empty, which is not allowed; give at least one batch")
+    write_state(cands, [state[STEP], state[N_ALLOC], scored, state[NEXT_ALLOC]])
+    allocate(cands, step=state[STEP])
+    return heterolora_allocation(model, adapter)
+
+
+def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) -> dict:
+    """Which candidates are on, with their latest proxy scores, and the saved allocation history.
+
+    ``modules`` maps each candidate (module name relative to the transformers model) to its
+    ``kind`` (``"lora"`` or a shortcut kind), ``on`` and ``score`` (the score the latest allocation
+    used; NaN before the first — nothing non-finite is saved: "no score yet" is ``allocations == 0``).
+    ``history`` lists the last ``history_size`` allocations, oldest
+    first, each with the optimizer ``step`` count it was made after, the modules switched ``on``,
+    all ``scores`` and whether the gradient-norm ``fallback`` was used.
+    """
+    root = adapted_root(model)
+    adapter = adapter_name or _default_adapter(root)
+    cands = candidates(root, adapter)
+    if not cands:
+        raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
+    config = _config(cands)
+    state = read_state(cands)
+    scored = state[N_ALLOC] > 0
+    modules = {c.name: {"kind": c.kind, "on": c.on,
+                        "score": float(c.layer._store("proxy_last")[c.adapter]) if scored else math.nan}
+               for c in cands}
+    history = []
+    size = cands[0].layer._store("hist_step")[adapter].numel()
+    count = min(state[N_ALLOC], size)
+    for i in range(state[N_ALLOC] - count, state[N_ALLOC]):
+        slot = i % size
+        flags = {c.name: int(c.layer._store("hist_flags")[c.adapter][slot]) for c in cands}
+        history.append({
+            "allocation": i,
+            "step": int(cands[0].layer._store("hist_step")[adapter][slot]),
+            "on": [name for name, f in flags.items() if f & FLAG_ON],
+            "scores": {c.name: float(c.layer._store("hist_proxy")[c.adapter][slot]) for c in cands},
+            "fallback": any(f & FLAG_FALLBACK for f in flags.values()),
+        })
+    return {
+        "adapter": adapter,
+        "proxy": config.proxy,
+        "mode": config.mode,
+        "ranking": config.ranking,
+        "budget": config.budget,
+        "step": state[STEP],
+        "allocations": state[N_ALLOC],
+        "phase": "scoring" if state[N_ALLOC] == 0 else "allocated",
+        "next_allocation_after_step": state[NEXT_ALLOC] + 1 if state[NEXT_ALLOC] >= 0 else None,
+        "candidates": len(cands),
+        "switched_on": sum(c.on for c in cands),
+        "modules": modules,
+        "history": history,
+    }

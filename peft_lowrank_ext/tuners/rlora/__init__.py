@@ -1,0 +1,12 @@
+"""RLoRA: randomized Walsh–Hadamard (Fastfood) LoRA with a PAC-Bayes regularizer."""
+
+from .._base.registry import register_method
+
+from .config import RLoraConfig
+from .layer import RLoraLayer, RLoraLinear
+from .model import RLoraModel
+from .pac_bayes import pac_bayes_stats, pac_bayes_terms
+
+__all__ = ["RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "pac_bayes_stats", "pac_bayes_terms"]
+
+register_method("rlora", RLoraConfig, RLoraModel)

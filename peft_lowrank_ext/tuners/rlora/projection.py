@@ -1,0 +1,107 @@
+"""The Fastfood projection that turns RLoRA's small vector ``z`` into LoRA factors.
+
+Nothing here is saved: the random signs, permutation, Gaussian scales and the LoRA init ``A0`` are
+regenerated from ``(seed, module name)`` with a CPU generator, so an adapter on disk holds only ``z``.
+``PROJECTION_VERSION`` names this exact layout; change it whenever the generated numbers change.
+The projection itself, ``P z = [H diag(g) Π H diag(b) pad_L(z)]_{:D} / (‖g‖ √D)``, is the
+``fastfood_project`` kernel op (Triton on CUDA, PyTorch elsewhere).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ...kernels.fastfood import fastfood_project
+
+PROJECTION_VERSION = 1
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def module_seed(seed: int, module_name: str) -> int:
+    """A 63-bit seed that depends only on the user seed, the module name and the layout version."""
+    digest = hashlib.sha256(f"rlora-v{PROJECTION_VERSION}:{seed}:{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class FastfoodProjection:
+    """Per-module randomness of one RLoRA adapter, generated on CPU and cached per device."""
+
+    r: int
+    in_features: int
+    out_features: int
+    intrinsic_dim: int
+    seed: int
+    signs: torch.Tensor
+    perm: torch.Tensor
+    gauss: torch.Tensor
+    lora_a_init: torch.Tensor
+    _on_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def total_dim(self) -> int:
+        """D = r·(d_in + d_out), the size of vec(A, B)."""
+        return self.r * (self.in_features + self.out_features)
+
+    @classmethod
+    def generate(cls, *, r: int, in_features: int, out_features: int, intrinsic_dim: int, seed: int, module_name: str):
+        total = r * (in_features + out_features)
+        length = next_power_of_two(max(total, intrinsic_dim))
+        gen = torch.Generator(device="cpu").manual_seed(module_seed(seed, module_name))
+        signs = torch.randint(0, 2, (length,), generator=gen, dtype=torch.int64).float().mul_(2).sub_(1)
+        perm = torch.randperm(length, generator=gen)
+        gauss = torch.randn(length, generator=gen)
+        # LoRA's A init: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(in_features)
+        lora_a_init = torch.rand(r, in_features, generator=gen).mul_(2 * bound).sub_(bound)
+        return cls(r, in_features, out_features, intrinsic_dim, seed, signs, perm, gauss, lora_a_init)
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(signs, perm, gauss, A0) on ``device``, moved once and then reused."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = tuple(
+                t.to(device) for t in (self.signs, self.perm, self.gauss, self.lora_a_init)
+            )
+        return self._on_device[key]
+
+    def factors(self, z: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Materialise fp32 ``(A, B)`` = ``(A0, 0) + scale · P z``."""
+        signs, perm, gauss, _ = self.tensors(z.device)
+        delta = fastfood_project(z[None], signs[None], perm[None], gauss[None], self.total_dim)[0]
+        return self.factors_from_projection(delta, scale)
+
+    def factors_from_projection(
+        self, delta: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` from an already computed ``P z`` of length D (e.g. from a grouped launch)."""
+        lora_a_init = self.tensors(delta.device)[3]
+        if scale is not None:
+            delta = delta * scale
+        split = self.r * self.in_features
+        lora_a = lora_a_init + delta[:split].view(self.r, self.in_features)
+        lora_b = delta[split:].view(self.out_features, self.r)
+        return lora_a, lora_b
+
+
+def projection_fingerprint(seed: int) -> str:
+    """Hash of a small regenerated projection: detects a changed layout or random generator on load.
+
+    Only RNG outputs (rounded) enter the hash, so it is stable across machines and BLAS libraries.
+    """
+    proj = FastfoodProjection.generate(
+        r=2, in_features=12, out_features=10, intrinsic_dim=8, seed=seed, module_name="__fingerprint__"
+    )
+    h = hashlib.sha256(f"v{PROJECTION_VERSION}".encode())
+    h.update(proj.signs.to(torch.int8).numpy().tobytes())
+    h.update(proj.perm.numpy().tobytes())
+    for t in (proj.gauss, proj.lora_a_init):
+        h.update(torch.round(t * 1000).to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
