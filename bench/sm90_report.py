@@ -104,7 +104,7 @@ def masked_lowrank_specs() -> list[KernelSpec]:
         precision = mlr.dot_precision(torch.empty(0, dtype=dtype))
         ptrs = {name: dt for name in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "dy_ptr", "dx_ptr")}
         ptrs["order_ptr"] = "i32"
-        for r in (16, mlr.MAX_RANK):
+        for r in (16, mlr.MAX_TRITON_RANK):
             cfg, warps = mlr.rank_config(r), mlr.NUM_WARPS
             for kernel, extra in kernels:
                 cx = dict(cfg, HAS_MASK=True, BLOCK_N=mlr.BLOCK_N, BLOCK_D=mlr.BLOCK_D, PRECISION=precision, **extra)

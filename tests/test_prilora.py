@@ -27,7 +27,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import PriLoraConfig, export_lora, prilora_ranks, prilora_sparsity, prilora_step
-from peft_lowrank_ext.tuners.prilora import PriLoraLayer, importance, prune_mask, scheduled_sparsity
+from peft_lowrank_ext.tuners.prilora import PriLoraLayer, importance, linear_ranks, prune_mask, scheduled_sparsity
 from peft_lowrank_ext.tuners.prilora.model import prilora_post_step
 from models import MINILM, TINY_MODELS, VOCAB
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
@@ -118,7 +118,7 @@ def test_linear_ranks_from_depth(build, n, targets, block_re, expected):
     import re
 
     config = PriLoraConfig(target_modules=targets)  # defaults r_first=4, r_last=12
-    assert config.block_ranks(n) == expected
+    assert linear_ranks(config.r_first, config.r_last, n) == expected
     model = get_peft_model(build(n), config)
     ranks = prilora_ranks(model)
     assert len(ranks) == n * len(targets)
@@ -143,8 +143,10 @@ def test_minilm_ranks_and_mean_form():
 def test_rank_forms_are_exclusive_and_round_trip(tmp_path):
     config = PriLoraConfig(r_mean=6, r_spread=-2)
     assert (config.r_first, config.r_last) == (8, 4)  # decreasing ranks are allowed
-    assert PriLoraConfig(r_first=3, r_last=9).block_ranks(4) == [3, 5, 7, 9]
-    assert PriLoraConfig().block_ranks(1) == [4]
+    given = PriLoraConfig(r_first=3, r_last=9)
+    assert linear_ranks(given.r_first, given.r_last, 4) == [3, 5, 7, 9]
+    default = PriLoraConfig()
+    assert linear_ranks(default.r_first, default.r_last, 1) == [4]
     with pytest.raises(ValueError, match=r"r_first=2 .*r_first/r_last or as r_mean/r_spread"):
         PriLoraConfig(r_mean=8, r_first=2)
     with pytest.raises(ValueError, match=r"r_spread=2 .*None unless r_mean"):

@@ -162,6 +162,17 @@ def test_loading_adapter_of_other_projection_version_fails_clearly(tmp_path):
         PeftModel.from_pretrained(case.build(), tmp_path)
 
 
+def test_config_is_cheap_and_the_fingerprint_is_filled_in_and_checked_when_wrapping():
+    case = TINY_MODELS["llama"]
+    config = RLoraConfig(r=2, intrinsic_dim=8, target_modules=["q_proj"])
+    assert config.projection_fingerprint is None  # building a config regenerates no projection
+    get_peft_model(case.build(), config)
+    assert len(config.projection_fingerprint) == 16
+    wrong = RLoraConfig(r=2, intrinsic_dim=8, target_modules=["q_proj"], projection_fingerprint="0123456789abcdef")
+    with pytest.raises(ValueError, match="projection_fingerprint='0123456789abcdef' is not allowed"):
+        get_peft_model(case.build(), wrong)
+
+
 def test_noise_injection_only_in_training_and_sigma_learns():
     case = TINY_MODELS["llama"]
     config = RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"], noise_injection=True,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .masked_lowrank import MAX_TRITON_RANK
+
 BLOCK_N, BLOCK_K, BLOCK_D = 64, 32, 64
 
 
@@ -217,7 +219,6 @@ def masked_lowrank_bwd_weights_kernel(x_ptr, dy_ptr, h_ptr, dh_ptr, mask_ptr, g_
 # Host side.
 
 
-MAX_RANK = 64
 NUM_WARPS = 8  # 4 warps spill in the fp32 (tf32x3) weight-gradient kernel
 
 
@@ -226,9 +227,9 @@ def rank_config(r: int) -> dict[str, int]:
 
     Wider ranks would need tiles that 8 warps cannot hold without spilling.
     """
-    if r > MAX_RANK:
-        raise ValueError(f"the Triton masked low-rank kernels support r <= {MAX_RANK}, got {r}")
-    return {"R_PAD": 16, "LEVELS": 0} if r <= 16 else {"R_PAD": MAX_RANK, "LEVELS": 2}
+    if r > MAX_TRITON_RANK:
+        raise ValueError(f"the Triton masked low-rank kernels support r <= {MAX_TRITON_RANK}, got {r}")
+    return {"R_PAD": 16, "LEVELS": 0} if r <= 16 else {"R_PAD": MAX_TRITON_RANK, "LEVELS": 2}
 
 
 def dot_precision(*tensors: torch.Tensor) -> str:

@@ -12,7 +12,8 @@ import torch
 
 from ._dispatch import use_triton
 
-MAX_TRITON_RANK = 64  # wider ranks run the PyTorch path (see _triton_masked_lowrank.MAX_RANK)
+# Widest rank the Triton kernels compile for (``_triton_masked_lowrank.rank_config``); wider ranks run the PyTorch path.
+MAX_TRITON_RANK = 64
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -15,11 +15,14 @@ from typing import Optional
 import torch
 
 
+def distributed_active() -> bool:
+    """Whether ``torch.distributed`` is available and a process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def world_size() -> int:
     """Number of replicas (1 when ``torch.distributed`` is not initialised)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    return torch.distributed.get_world_size() if distributed_active() else 1
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

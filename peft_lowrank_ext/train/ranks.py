@@ -15,12 +15,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..tuners.autolora.layer import AutoLoraLayer
-from ..tuners.autolora.selection import autolora_ranks
+from ..tuners._base.layer import AdditiveAdapterLayer
 from ..tuners._base.tuner import adapted_root
-from ..tuners.gated.layer import GatedLoraLayer
 from ..tuners.prilora.depth import DEFAULT_BLOCK_PATTERN
-from ..tuners.rlora.layer import RLoraLayer
 from ..runtime.step_hooks import register_step_callbacks, unregister_step_callbacks
 
 PEFT_PREFIX = "base_model.model."
@@ -28,14 +25,6 @@ PEFT_PREFIX = "base_model.model."
 NO_BLOCK = -1
 
 _BLOCK = re.compile(DEFAULT_BLOCK_PATTERN)
-
-
-def gated_rank(layer: GatedLoraLayer, adapter_name: str) -> int:
-    """Ranks whose gate is on: ``rank_mask`` entries ≠ 0, and 0 when the module is switched off."""
-    with torch.no_grad():
-        if not bool(layer._store("module_on")[adapter_name] != 0):
-            return 0
-        return int(torch.count_nonzero(layer._store("rank_mask")[adapter_name]))
 
 
 def _plain_rank(layer: nn.Module, adapter_name: str) -> int | None:
@@ -50,33 +39,25 @@ def module_ranks(model: nn.Module, adapter_name: str = "default") -> dict[str, i
     """``{module name: effective rank}`` of every module adapted by ``adapter_name``, in model order.
 
     Names are relative to the transformers model (no ``base_model.model.`` prefix), as in a
-    ``LoraConfig``. Per method: PEFT LoRA → its ``r``; RLoRA → ``r`` (the rank of the generated
+    ``LoraConfig``. Each of this package's layers answers for itself
+    (``AdditiveAdapterLayer.effective_rank``): RLoRA → ``r`` (the rank of the generated
     factors; the trainable size is the intrinsic dimension); AutoLoRA/PRILoRA/HeteroLoRA → the
     ranks whose gate is on (``rank_mask``), 0 for a module HeteroLoRA switched off (shortcuts
     included, named e.g. ``transformer.h.1.hetero_residual_1``). AutoLoRA *during the search*
-    reports what thresholding would keep now (:func:`autolora_ranks`: ``#{j : α_j ≥ threshold}``,
+    reports what thresholding would keep now (as :func:`autolora_ranks`: ``#{j : α_j ≥ threshold}``,
     at least 1) rather than the ``r`` components that are all still active, so the figures show
-    where the search is heading; after ``autolora_select`` it is the selected ranks.
+    where the search is heading; after ``autolora_select`` it is the selected ranks. PEFT LoRA
+    (and look-alikes keeping a per-adapter ``r`` dict) → its ``r``.
     """
     root = adapted_root(model)
     ranks: dict[str, int] = {}
-    autolora_searching: dict[str, int] | None = None
     for name, layer in root.named_modules():
-        if isinstance(layer, GatedLoraLayer):
-            if not layer.has_adapter(adapter_name):
-                continue
-            rank = gated_rank(layer, adapter_name)
-            if isinstance(layer, AutoLoraLayer) and layer._store("config")[adapter_name].phase == "search" and rank:
-                if autolora_searching is None:
-                    autolora_searching = autolora_ranks(model, adapter_name)
-                rank = autolora_searching[name]
-            ranks[name] = rank
-        elif isinstance(layer, RLoraLayer):
+        if isinstance(layer, AdditiveAdapterLayer):
             if layer.has_adapter(adapter_name):
-                ranks[name] = int(layer.rlr_config[adapter_name].r)
-        else:
+                ranks[name] = layer.effective_rank(adapter_name)
+        elif isinstance(layer, BaseTunerLayer):
             rank = _plain_rank(layer, adapter_name)
-            if rank is not None and isinstance(layer, BaseTunerLayer):
+            if rank is not None:
                 ranks[name] = rank
     if not ranks:
         raise ValueError(f"adapter_name={adapter_name!r}: the model has no module adapted by this adapter; "

@@ -1,1 +1,1 @@
-"""What every method of the plugin shares: config, tuner, additive layer, quantized bases, registration."""
+"""What every method of the plugin shares: config, tuner, additive layer, supported targets, quantized bases, registration."""

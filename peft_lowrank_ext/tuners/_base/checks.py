@@ -29,8 +29,8 @@ def _fail(owner: str, field: str, value: Any, allowed: str) -> None:
 
 # Largest integer any config field accepts: counts and steps end up in int64 buffers, with room for step arithmetic.
 MAX_INT = 2**62
-# Largest rank: wider than any model's hidden size; larger values only exhaust memory at wrap time.
-MAX_RANK = 2**16
+# Largest rank a config accepts: wider than any model's hidden size; larger values only exhaust memory at wrap time.
+MAX_CONFIG_RANK = 2**16
 
 
 def check_int(

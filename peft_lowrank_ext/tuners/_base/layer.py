@@ -29,6 +29,15 @@ class AdditiveAdapterLayer(BaseTunerLayer):
     def export_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         raise NotImplementedError
 
+    def effective_rank(self, adapter_name: str) -> int:
+        """The rank this adapter has here now, as ``module_ranks`` reports it (0: nothing kept).
+
+        By default the rank of the exported factors; methods override it with a cheaper or more
+        telling answer (RLoRA's ``r``, the gated layers' kept ranks, AutoLoRA during its search).
+        """
+        factors = self.export_factors(adapter_name)
+        return 0 if factors is None else int(factors[0].shape[0])
+
     def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's additive output for input ``x`` (before casting to the result dtype)."""
         raise NotImplementedError

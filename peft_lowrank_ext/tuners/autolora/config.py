@@ -7,7 +7,7 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._base.checks import MAX_RANK, check_choice, check_int, check_real
+from .._base.checks import MAX_CONFIG_RANK, check_choice, check_int, check_real
 from .._base.config import LowRankPeftConfig
 
 HYPERGRADIENTS = ("second_order", "first_order")
@@ -52,7 +52,7 @@ class AutoLoraConfig(LowRankPeftConfig):
         self.peft_type = PeftType.AUTOLORA
         owner = type(self).__name__
         self._check_lora_fields(owner)
-        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_CONFIG_RANK)
         if self.threshold is not None:
             check_real(owner, "threshold", self.threshold, low=0.0, high=1.0, low_open=True)
         check_choice(owner, "hypergradient", self.hypergradient, HYPERGRADIENTS)

@@ -31,6 +31,23 @@ class AutoLoraLayer(GatedLoraLayer):
         with torch.no_grad():
             return self.soft_gate(adapter_name).detach().clone()
 
+    def kept_components(self, adapter_name: str, threshold: float) -> torch.Tensor:
+        """0/1 mask of components with α_j ≥ threshold; at least the largest one is kept."""
+        alpha = self.alpha(adapter_name)
+        keep = (alpha >= threshold).float()
+        if keep.sum() == 0:
+            keep[alpha.argmax()] = 1.0
+        return keep
+
+    def effective_rank(self, adapter_name: str) -> int:
+        """During the search, what thresholding would keep now (``#{j : α_j ≥ threshold}``, at least 1)
+        rather than the ``r`` components that are all still active; after selection the kept ranks."""
+        rank = super().effective_rank(adapter_name)
+        config = self._store("config")[adapter_name]
+        if rank and config.phase == "search":
+            return int(self.kept_components(adapter_name, config.effective_threshold).sum())
+        return rank
+
 
 class AutoLoraLinear(GatedLinear, AutoLoraLayer):
     """AutoLoRA around ``nn.Linear`` / ``Conv1D``."""

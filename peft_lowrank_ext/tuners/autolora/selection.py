@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from peft import LoraConfig
 from torch import nn
 
@@ -17,15 +16,6 @@ def _layers(model: nn.Module, adapter_name: str | None):
     return adapter_layers(model, AutoLoraLayer, adapter_name, "AutoLoRA")
 
 
-def _kept(module: AutoLoraLayer, adapter: str, threshold: float) -> torch.Tensor:
-    """0/1 mask of components with α_j ≥ threshold; at least the largest one is kept."""
-    alpha = module.alpha(adapter)
-    keep = (alpha >= threshold).float()
-    if keep.sum() == 0:
-        keep[alpha.argmax()] = 1.0
-    return keep
-
-
 def autolora_ranks(model: nn.Module, adapter_name: str | None = None, threshold: float | None = None) -> dict[str, int]:
     """Per-module ranks: #{j : α_j ≥ threshold} (default the config's, i.e. 1/r), at least 1."""
     ranks = {}
@@ -34,7 +24,7 @@ def autolora_ranks(model: nn.Module, adapter_name: str | None = None, threshold:
         if config.phase == "selected" and threshold is None:
             ranks[name] = int(module._store("rank_mask")[adapter].sum())
         else:
-            ranks[name] = int(_kept(module, adapter, threshold or config.effective_threshold).sum())
+            ranks[name] = int(module.kept_components(adapter, threshold or config.effective_threshold).sum())
     return ranks
 
 
@@ -45,7 +35,7 @@ def autolora_select(model: nn.Module, adapter_name: str | None = None, threshold
     ranks = {}
     for name, module, adapter in _layers(model, adapter_name):
         config = module._store("config")[adapter]
-        keep = _kept(module, adapter, threshold or config.effective_threshold)
+        keep = module.kept_components(adapter, threshold or config.effective_threshold)
         module._store("rank_mask")[adapter].copy_(keep)
         config.phase = "selected"
         ranks[name] = int(keep.sum())

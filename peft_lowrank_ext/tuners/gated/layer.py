@@ -20,8 +20,8 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 
 from .._base.layer import AdditiveAdapterLayer
+from .._base.targets import base_layer_features
 from ...kernels.masked_lowrank import masked_lowrank
-from ..rlora.layer import base_layer_features
 
 # Per-adapter containers; each is stored as an attribute named ``prefix + kind``.
 TRAINABLE_KINDS = ("A", "B")
@@ -143,6 +143,13 @@ class GatedLoraLayer(AdditiveAdapterLayer):
                 lora_a = lora_a * mask
             lora_b = self._store("B")[adapter_name].float() * gate
         return lora_a[kept].clone(), lora_b[:, kept].clone(), self._store("scaling")[adapter_name]
+
+    def effective_rank(self, adapter_name: str) -> int:
+        """Ranks whose gate is on: ``rank_mask`` entries ≠ 0, and 0 when the module is switched off."""
+        with torch.no_grad():
+            if not bool(self._store("module_on")[adapter_name] != 0):
+                return 0
+            return int(torch.count_nonzero(self._store("rank_mask")[adapter_name]))
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._store("A")

@@ -11,8 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
 
 from .._base.tuner import LowRankTuner
-from ..rlora.layer import base_layer_features
-from ..rlora.model import align_fan_in_fan_out
+from .._base.targets import align_fan_in_fan_out, base_layer_features
 from .layer import GatedLinear, GatedLoraLayer
 
 COMBINATION_TYPES = ("cat",)
@@ -44,13 +43,6 @@ class GatedTuner(LowRankTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    def gated_layers(self, adapter_name: str | None = None):
-        """(name, layer) of every gated layer holding ``adapter_name`` (default: the active adapter)."""
-        adapter_name = adapter_name or self.active_adapters[0]
-        for name, module in self.model.named_modules():
-            if isinstance(module, self.tuner_layer_cls) and adapter_name in module._store("A"):
-                yield name, module
 
     # ----- weighted combination of adapters ---------------------------------------------------------
     def combined_config(self, config, rank: int, shortcut_rank: int, target_modules: list[str]):

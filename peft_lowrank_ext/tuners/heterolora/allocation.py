@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from .._base.tuner import adapted_root
-from ...runtime.distributed import fsdp_kind
+from ...runtime.distributed import fsdp_kind, replica_reduce
 from .config import budget_count
-from .layer import (FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, distributed_active,
-                    finite_score)
+from .layer import FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, finite_score
 from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
@@ -123,14 +122,6 @@ def accumulate(cands: list[Candidate], main: torch.Tensor, fallback: Optional[to
             total.copy_(finite_score(total + finite_score(fallback[i].to(total))))
 
 
-def _replica_mean(values: torch.Tensor) -> torch.Tensor:
-    if not distributed_active() or torch.distributed.get_world_size() == 1:
-        return values
-    values = values.clone()
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-    return values / torch.distributed.get_world_size()
-
-
 def choose(scores: list[float], cands: list[Candidate], config, allocation_index: int) -> list[bool]:
     """Top ``k`` per ranking group by score; exact ties (and NaN, ranked last) broken by a seeded draw."""
     # Kept below 2**63: torch seeds are int64, and config.seed may be up to 2**62 (the integer-field cap).
@@ -154,7 +145,7 @@ def allocate(cands: list[Candidate], step: int) -> list[bool]:
     device = cands[0].layer._store("proxy_sum")[cands[0].adapter].device
     main = torch.stack([c.layer._store("proxy_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
     fallback = torch.stack([c.layer._store("gradnorm_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
-    main, fallback = _replica_mean(main), _replica_mean(fallback)
+    main, fallback = replica_reduce([main, fallback])  # every replica allocates from the same mean scores
     use_fallback = (config.proxy in ("snip", "synflow", "alpha_test") and needs_scoring(cands, config)
                     and bool((main == 0).all()) and bool((fallback != 0).any()))
     if use_fallback:
@@ -275,6 +266,16 @@ def _as_batch(batch: Any, device: torch.device) -> Batch:
     return (move(batch),), {}
 
 
+def _model_candidates(model: nn.Module, adapter_name: Optional[str]) -> tuple[nn.Module, str, list[Candidate]]:
+    """(adapted root, adapter, its candidates) of a wrapped model; refuses an adapter with no HeteroLoRA layers."""
+    root = adapted_root(model)
+    adapter = adapter_name or _default_adapter(root)
+    cands = candidates(root, adapter)
+    if not cands:
+        raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
+    return root, adapter, cands
+
+
 def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional[str] = None) -> dict:
     """Score every candidate on the first ``proxy_batches`` of ``batches`` and allocate now.
 
@@ -283,11 +284,7 @@ def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional
     ``labels`` for the loss-based proxies), e.g. a ``DataLoader`` of the training set. Returns
     :func:`heterolora_allocation`.
     """
-    root = adapted_root(model)
-    adapter = adapter_name or _default_adapter(root)
-    cands = candidates(root, adapter)
-    if not cands:
-        raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
+    root, adapter, cands = _model_candidates(model, adapter_name)
     config = _config(cands)
     device = cands[0].a.device
     state = read_state(cands)
@@ -316,11 +313,7 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
     first, each with the optimizer ``step`` count it was made after, the modules switched ``on``,
     all ``scores`` and whether the gradient-norm ``fallback`` was used.
     """
-    root = adapted_root(model)
-    adapter = adapter_name or _default_adapter(root)
-    cands = candidates(root, adapter)
-    if not cands:
-        raise ValueError(f"adapter_name={adapter!r} is not allowed; the model has no HeteroLoRA layers for it")
+    _, adapter, cands = _model_candidates(model, adapter_name)
     config = _config(cands)
     state = read_state(cands)
     scored = state[N_ALLOC] > 0

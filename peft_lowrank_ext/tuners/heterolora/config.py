@@ -8,7 +8,7 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._base.checks import MAX_RANK, check_choice, check_int, check_real
+from .._base.checks import MAX_CONFIG_RANK, check_choice, check_int, check_real
 from .._base.config import LowRankPeftConfig
 
 SHORTCUT_KINDS = ("residual_1", "residual_2", "shortcut_sa", "shortcut_ffn")
@@ -94,8 +94,8 @@ class HeteroLoraConfig(LowRankPeftConfig):
         self.peft_type = PeftType.HETEROLORA
         owner = type(self).__name__
         self._check_lora_fields(owner)
-        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
-        check_int(owner, "shortcut_r", self.shortcut_r, minimum=1, cap=MAX_RANK)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_CONFIG_RANK)
+        check_int(owner, "shortcut_r", self.shortcut_r, minimum=1, cap=MAX_CONFIG_RANK)
         check_real(owner, "shortcut_alpha", self.shortcut_alpha, low=0.0, low_open=True)
         self.shortcuts = _check_shortcuts(owner, self.shortcuts)
         check_real(owner, "budget", self.budget, low=0.0, high=1.0, low_open=True)

@@ -42,6 +42,7 @@ from torch import nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
+from ...runtime.distributed import distributed_active
 from ..gated.layer import GatedLinear, GatedLoraLayer
 
 STATE_LEN = 4
@@ -54,10 +55,6 @@ SCORE_KINDS = ("proxy_sum", "gradnorm_sum", "proxy_last", "hist_proxy")
 def finite_score(values: torch.Tensor) -> torch.Tensor:
     """Scores as stored: NaN → 0 (every proxy is ≥ 0, so NaN ranks with the lowest), ±inf → ±largest float."""
     return torch.nan_to_num(values, nan=0.0)
-
-
-def distributed_active() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class HeteroLoraLayer(GatedLoraLayer):

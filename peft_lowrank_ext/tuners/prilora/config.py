@@ -8,9 +8,8 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._base.checks import MAX_RANK, _fail, check_bool, check_choice, check_int, check_real
+from .._base.checks import MAX_CONFIG_RANK, _fail, check_bool, check_choice, check_int, check_real
 from .._base.config import LowRankPeftConfig
-from .depth import linear_ranks
 
 SCHEDULES = ("cubic", "linear")
 DEFAULT_R_FIRST, DEFAULT_R_LAST = 4, 12
@@ -108,7 +107,7 @@ class PriLoraConfig(LowRankPeftConfig):
         """Exactly one way of giving the ranks; afterwards all four fields are filled and consistent."""
         for name in ("r_first", "r_last", "r_mean"):
             if getattr(self, name) is not None:
-                check_int(owner, name, getattr(self, name), minimum=1, cap=MAX_RANK)
+                check_int(owner, name, getattr(self, name), minimum=1, cap=MAX_CONFIG_RANK)
         if self.r_mean is None:
             if self.r_spread is not None:
                 _fail(owner, "r_spread", self.r_spread, "None unless r_mean is given (or use r_first/r_last)")
@@ -125,7 +124,3 @@ class PriLoraConfig(LowRankPeftConfig):
                 _fail(owner, name, given, f"None or {derived} (= r_mean {sign} r_spread) when r_mean is given; give "
                                           "the ranks either as r_first/r_last or as r_mean/r_spread")
         self.r_first, self.r_last, self.r_spread = first, last, spread
-
-    def block_ranks(self, num_blocks: int) -> list[int]:
-        """The rank of each of ``num_blocks`` blocks under this config."""
-        return linear_ranks(self.r_first, self.r_last, num_blocks)

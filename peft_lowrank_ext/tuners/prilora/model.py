@@ -9,6 +9,7 @@ from torch import nn
 
 from .._base.tuner import adapter_layers
 from ..gated.model import GatedTuner
+from ...runtime.distributed import distributed_active
 from ...runtime.step_hooks import register_step_callbacks
 from .config import PriLoraConfig
 from .depth import block_position, linear_rank
@@ -58,7 +59,7 @@ def _training_entries(root: nn.Module) -> list[tuple[PriLoraLayer, str]]:
 def _all_reduce_pending(entries: list[tuple[PriLoraLayer, str]]) -> None:
     """Sum every replica's pending ``Σx²`` and token counts (one collective), so that all replicas fold
     the same statistics into the EMA and take identical pruning decisions."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed_active():
         return
     device = entries[0][0]._store("in_sq_ema")[entries[0][1]].device
     parts = []

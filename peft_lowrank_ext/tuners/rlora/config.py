@@ -8,11 +8,30 @@ from typing import Optional
 
 from peft.utils import PeftType
 
-from .._base.checks import MAX_RANK, _fail, check_bool, check_choice, check_int, check_real
+from .._base.checks import MAX_CONFIG_RANK, _fail, check_bool, check_choice, check_int, check_real
 from .._base.config import LowRankPeftConfig
-from .projection import PROJECTION_VERSION, projection_fingerprint
+from .projection import FINGERPRINT_PATTERN, PROJECTION_VERSION
 
 PAC_BAYES_BOUNDS = ("mcallester", "linear")
+
+
+def check_projection_size(owner: str, intrinsic_dim, projection_ratio, *, neither_ok: bool = False) -> None:
+    """The size of RLoRA's trainable z: exactly one of ``intrinsic_dim`` (an integer >= 1) and
+    ``projection_ratio`` (in (0, 1]); with ``neither_ok`` both may be None (the caller then picks a default).
+
+    The one check of this rule: ``RLoraConfig`` uses it, and so can anything that builds an RLoRA config
+    from its own options (the CLI). Raises ``ValueError`` naming the fields and values.
+    """
+    both = intrinsic_dim is not None and projection_ratio is not None
+    if both or (intrinsic_dim is None and projection_ratio is None and not neither_ok):
+        raise ValueError(
+            f"{owner}: intrinsic_dim={intrinsic_dim!r} and projection_ratio={projection_ratio!r} is not "
+            "allowed; set exactly one of them (e.g. projection_ratio=0.05, or intrinsic_dim=512)."
+        )
+    if intrinsic_dim is not None:
+        check_int(owner, "intrinsic_dim", intrinsic_dim, minimum=1)
+    elif projection_ratio is not None:
+        check_real(owner, "projection_ratio", projection_ratio, low=0.0, high=1.0, low_open=True)
 
 
 @dataclass
@@ -70,7 +89,8 @@ class RLoraConfig(LowRankPeftConfig):
         default=PROJECTION_VERSION, metadata={"help": "Layout version of the regenerated projection (checked on load)."}
     )
     projection_fingerprint: Optional[str] = field(
-        default=None, metadata={"help": "Hash of a regenerated reference projection (filled in; checked on load)."}
+        default=None,
+        metadata={"help": "Hash of a regenerated reference projection (filled in at wrap time; checked on load)."},
     )
 
     def __post_init__(self):
@@ -78,16 +98,8 @@ class RLoraConfig(LowRankPeftConfig):
         self.peft_type = PeftType.RLORA
         owner = type(self).__name__
         self._check_lora_fields(owner)
-        check_int(owner, "r", self.r, minimum=1, cap=MAX_RANK)
-        if (self.intrinsic_dim is None) == (self.projection_ratio is None):
-            raise ValueError(
-                f"{owner}: intrinsic_dim={self.intrinsic_dim!r} and projection_ratio={self.projection_ratio!r} is not "
-                "allowed; set exactly one of them (e.g. projection_ratio=0.05, or intrinsic_dim=512)."
-            )
-        if self.intrinsic_dim is not None:
-            check_int(owner, "intrinsic_dim", self.intrinsic_dim, minimum=1)
-        else:
-            check_real(owner, "projection_ratio", self.projection_ratio, low=0.0, high=1.0, low_open=True)
+        check_int(owner, "r", self.r, minimum=1, cap=MAX_CONFIG_RANK)
+        check_projection_size(owner, self.intrinsic_dim, self.projection_ratio)
         check_int(owner, "seed", self.seed, minimum=0)
         check_bool(owner, "learnable_scale", self.learnable_scale)
         check_real(owner, "pac_bayes_weight", self.pac_bayes_weight, low=0.0)
@@ -108,7 +120,11 @@ class RLoraConfig(LowRankPeftConfig):
         self._check_projection_identity(owner)
 
     def _check_projection_identity(self, owner: str) -> None:
-        """Refuse an adapter whose saved z was made for a different projection than this install regenerates."""
+        """Refuse an adapter whose saved z was made for a different projection layout than this install's.
+
+        Cheap checks only: the fingerprint itself is regenerated and compared when the model is wrapped
+        (``projection.stamp_projection_fingerprint``), not whenever a config is built.
+        """
         if self.projection_version != PROJECTION_VERSION:
             raise ValueError(
                 f"{owner}.projection_version={self.projection_version!r} is not allowed; this install of "
@@ -116,16 +132,11 @@ class RLoraConfig(LowRankPeftConfig):
                 "produce different weights. Load it with the package version that saved it, or export it to plain "
                 "LoRA there (export_lora)."
             )
-        current = projection_fingerprint(self.seed)
-        if self.projection_fingerprint is None:
-            self.projection_fingerprint = current
-        elif self.projection_fingerprint != current:
-            raise ValueError(
-                f"{owner}.projection_fingerprint={self.projection_fingerprint!r} is not allowed; this install "
-                f"regenerates fingerprint {current!r} for seed {self.seed} (a different random generator or layout), "
-                "so the saved z would produce different weights. Use the torch/peft_lowrank_ext versions that saved "
-                "the adapter, or export it to plain LoRA there (export_lora)."
-            )
+        fingerprint = self.projection_fingerprint
+        well_formed = isinstance(fingerprint, str) and FINGERPRINT_PATTERN.fullmatch(fingerprint) is not None
+        if fingerprint is not None and not well_formed:
+            _fail(owner, "projection_fingerprint", fingerprint,
+                  "None (filled in when the model is wrapped) or the 16 hexadecimal digits saved with an adapter")
 
     def z_init_std(self, intrinsic_dim: int, total_dim: int) -> float:
         """Std of z's initial values under ``init_weights=False`` for a module with ``d = intrinsic_dim`` and

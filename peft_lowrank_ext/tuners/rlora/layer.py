@@ -7,29 +7,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 
 from .._base.layer import AdditiveAdapterLayer
-
+from .._base.targets import base_layer_features
 from .config import RLoraConfig
 from .projection import FastfoodProjection
-
-SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
-
-
-def base_layer_features(base_layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported base layer."""
-    if isinstance(base_layer, nn.Linear):
-        return base_layer.in_features, base_layer.out_features
-    if isinstance(base_layer, Conv1D):
-        weight = base_layer.weight
-        d_in, d_out = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
-        return d_in, d_out
-    raise ValueError(
-        f"target module of type {type(base_layer).__name__} is not allowed; RLoRA adapts only "
-        "torch.nn.Linear and transformers' Conv1D. Narrow target_modules to such layers."
-    )
 
 
 def _in_reentrant_recompute() -> bool:
@@ -205,6 +187,10 @@ class RLoraLayer(AdditiveAdapterLayer):
         finally:
             self.train(was_training)
         return lora_a, lora_b, self.rlr_scaling[adapter_name]
+
+    def effective_rank(self, adapter_name: str) -> int:
+        """``r``, the rank of the generated factors (the trainable size is the intrinsic dimension)."""
+        return int(self.rlr_config[adapter_name].r)
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.rlr_z

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+from .._base.targets import align_fan_in_fan_out, base_layer_features
 from .._base.tuner import LowRankTuner
 from .config import RLoraConfig
-from .layer import RLoraLayer, RLoraLinear, base_layer_features
+from .layer import RLoraLayer, RLoraLinear
 from .batched import install_batched_projection
 from .pac_bayes import pac_bayes_stats, register_model
+from .projection import stamp_projection_fingerprint
 
 
 class RLoraModel(LowRankTuner):
@@ -28,6 +27,12 @@ class RLoraModel(LowRankTuner):
     method_name = "RLoRA"
     tuner_layer_cls = RLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _check_new_adapter_config(self, config: RLoraConfig) -> None:
+        """The shared checks, then the projection's identity: fill in the fingerprint of a new adapter, refuse a
+        loaded one whose projection this install regenerates differently."""
+        super()._check_new_adapter_config(config)
+        stamp_projection_fingerprint(config, type(config).__name__)
 
     def _create_and_replace(self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kw):
         if current_key is None:
@@ -64,12 +69,3 @@ class RLoraModel(LowRankTuner):
     def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
         register_model(model)
         install_batched_projection(model)
-
-
-def align_fan_in_fan_out(config, base: nn.Module) -> None:
-    """Conv1D stores (in, out): set ``fan_in_fan_out`` to match the layer, as PEFT's LoRA does."""
-    wants = isinstance(base, Conv1D)
-    if config.fan_in_fan_out != wants:
-        warnings.warn(f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target is {type(base).__name__}; "
-                      f"setting fan_in_fan_out to {wants}.")
-        config.fan_in_fan_out = wants

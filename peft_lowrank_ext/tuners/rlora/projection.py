@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,8 @@ import torch
 from ...kernels.fastfood import fastfood_project
 
 PROJECTION_VERSION = 1
+# What projection_fingerprint() returns: 16 lowercase hexadecimal digits.
+FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16}")
 
 
 def next_power_of_two(n: int) -> int:
@@ -105,3 +108,21 @@ def projection_fingerprint(seed: int) -> str:
     for t in (proj.gauss, proj.lora_a_init):
         h.update(torch.round(t * 1000).to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def stamp_projection_fingerprint(config, owner: str) -> None:
+    """Fill in ``config.projection_fingerprint`` for a new adapter, or refuse a saved one this install does not
+    regenerate (a different random generator or layout would give the saved z different weights).
+
+    Runs when a model is wrapped or an adapter loaded (``RLoraModel``), so building a config stays cheap.
+    """
+    current = projection_fingerprint(config.seed)
+    if config.projection_fingerprint is None:
+        config.projection_fingerprint = current
+    elif config.projection_fingerprint != current:
+        raise ValueError(
+            f"{owner}.projection_fingerprint={config.projection_fingerprint!r} is not allowed; this install "
+            f"regenerates fingerprint {current!r} for seed {config.seed} (a different random generator or layout), "
+            "so the saved z would produce different weights. Use the torch/peft_lowrank_ext versions that saved "
+            "the adapter, or export it to plain LoRA there (export_lora)."
+        )
