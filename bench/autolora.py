@@ -17,23 +17,23 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+if __package__ in (None, ""):  # `python bench/autolora.py`: import from the repository root, not from bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch, autolora_select, retrain_lora_config
-from peft_lowrank_ext.train.data import load_text_classification
-from peft_lowrank_ext.train.loop import (
-    TrainingConfig,
-    _collate,
-    _encode,
-    fit,
-    load_model_and_tokenizer,
-    set_seed,
-)
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from peft_lowrank_ext import AutoLoraConfig, AutoLoraSearch  # noqa: E402
+from peft_lowrank_ext.cli.recipes import autolora_search_retrain, peft_config, train_wrapped_classifier  # noqa: E402
+from peft_lowrank_ext.train.data import classification_batches, load_text_classification  # noqa: E402
+from peft_lowrank_ext.train.models import load_model_and_tokenizer, set_seed  # noqa: E402
+from peft_lowrank_ext.train.run import TrainingConfig  # noqa: E402
 
 TARGETS = ["query", "value"]
 
@@ -55,8 +55,7 @@ def median_step_time(model, batches, steps: int, warmup: int = 2) -> float:
 
 def minilm_step_times(data, r: int, steps: int) -> dict:
     net, tok = load_model_and_tokenizer(None, data.num_labels)
-    rows = _encode(tok, data.train.select(range(256)), 64)
-    batches = [_collate(tok, rows[i : i + 16]) for i in range(0, len(rows), 16)]
+    batches = classification_batches(tok, data.train.select(range(256)), 16, 64)
     out = {}
     for name, make in {
         "lora": lambda: LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type="SEQ_CLS"),
@@ -100,29 +99,20 @@ def llama_step_times(r: int, steps: int) -> dict:
 
 def search_and_retrain(data, r: int, epochs: float, hypergradient: str) -> dict:
     """70/30 search on the training set, select, retrain LoRA with the ranks; LoRA at the mean rank."""
-    split = data.train.train_test_split(test_size=0.3, seed=0)
-    search_data = type(data)(split["train"], data.eval, data.num_labels, data.source)
     train_cfg = TrainingConfig(epochs=epochs, lr=1e-3, progress=False)
-    set_seed(0)
-    net, tok = load_model_and_tokenizer(None, data.num_labels)
-    model = get_peft_model(net, AutoLoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type="SEQ_CLS",
-                                               hypergradient=hypergradient, arch_lr=1e-2))
-    held_rows = _encode(tok, split["test"], train_cfg.max_length)
-    held = [_collate(tok, held_rows[i : i + 16]) for i in range(0, len(held_rows), 16)]
-    AutoLoraSearch(held).attach(model)
-    search = fit(model, tok, search_data, train_cfg, method="autolora-search")
-    ranks = autolora_select(model)
-    mean_rank = sum(ranks.values()) / len(ranks)
 
-    set_seed(0)
-    net, tok = load_model_and_tokenizer(None, data.num_labels)
-    retrained = fit(get_peft_model(net, retrain_lora_config(model, lora_alpha=r)), tok, data, train_cfg,
-                    method="autolora-retrain")
+    def train(config, d, name, prepare=None):
+        return train_wrapped_classifier(config, d, train_cfg, method=name, prepare=prepare)
+
+    common = dict(r=r, lora_alpha=r, target_modules=TARGETS)
+    run = autolora_search_retrain(
+        peft_config("autolora", **common, hypergradient=hypergradient, arch_lr=1e-2, held_out_fraction=0.3),
+        data, train, seed=0, retrain_alpha=r, names=("autolora-search", "autolora-retrain"),
+        batches=lambda tok, held: classification_batches(tok, held, 16, train_cfg.max_length))
+    search, retrained, ranks = run.search, run.retrain, run.ranks
+    mean_rank = sum(ranks.values()) / len(ranks)
     equal_r = max(1, round(mean_rank))
-    set_seed(0)
-    net, tok = load_model_and_tokenizer(None, data.num_labels)
-    baseline = fit(get_peft_model(net, LoraConfig(r=equal_r, lora_alpha=r, target_modules=TARGETS,
-                                                  task_type="SEQ_CLS")), tok, data, train_cfg, method="lora")
+    baseline = train(peft_config("lora", **{**common, "r": equal_r}), data, "lora")
     return {
         "hypergradient": hypergradient,
         "ranks": ranks,

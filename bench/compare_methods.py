@@ -28,79 +28,40 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-_BENCH_DIR = Path(__file__).resolve().parent
-# bench/ first on sys.path could shadow installed packages (see rlora_vs_lora.py); use the repo root.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+if __package__ in (None, ""):  # `python bench/compare_methods.py`: import from the repository root, not bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-os.environ.setdefault("HF_HUB_OFFLINE", "0" if "--dataset" in sys.argv else "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench.common import (  # noqa: E402
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    now_iso,
+    offline,
+    peak_rss_bytes,
+    reset_peak_rss,
+)
+
+offline(hub="--dataset" not in sys.argv)
 
 METHODS = ("lora_r2", "lora_r8", "adalora", "vera", "full_ft", "rlora", "autolora", "prilora",
            "heterolora_static", "heterolora_dynamic")
 SCHEMA = "peft-lowrank-ext/compare/1"
-DEFAULT_OUTPUT_DIR = _BENCH_DIR / "results"
+DEFAULT_OUTPUT_DIR = RESULTS_DIR
 
 # HeteroLoRA's candidate set per architecture (its tuned default in bench/heterolora.py): every
 # attention projection; the other methods adapt PEFT's LoRA defaults (BERT/MiniLM: query, value).
 HETERO_TARGETS = {("query", "value"): ["query", "key", "value", "attention.output.dense"],
                   ("q_proj", "v_proj"): ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-
-# ----- machine and memory ---------------------------------------------------------------------------
-from peft_lowrank_ext.train.loop import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402,F401  (scaling.py too)
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on Linux/macOS
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(threads: int | None = None) -> dict[str, Any]:
-    """Where the numbers came from: host, CPU, threads, accelerator and library versions."""
-    import peft
-    import torch
-    import transformers
-
-    info = {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": threads if threads is not None else torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "device": "cpu", "gpu": None}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def exact_command(argv: list[str]) -> str:
@@ -120,7 +81,7 @@ def load_data(args):
         raise ValueError("--dataset and --train-file/--eval-file: give one source of data, not both")
     import datasets
 
-    from peft_lowrank_ext.train.data import _limit, _normalise
+    from peft_lowrank_ext.train.data import limit_rows, normalise_columns
 
     try:
         loaded = datasets.load_dataset(args.dataset, args.subset)
@@ -129,10 +90,10 @@ def load_data(args):
     for split, opt in ((args.train_split, "--train-split"), (args.eval_split, "--eval-split")):
         if split not in loaded:
             raise ValueError(f"{opt} {split!r}: not a split of {args.dataset!r}; available: {list(loaded)}")
-    train = _normalise(loaded[args.train_split], args.text_column, args.label_column, "train_file")
-    evald = _normalise(loaded[args.eval_split], args.text_column, args.label_column, "eval_file")
-    train = _limit(train.shuffle(seed=0), args.max_train_samples, "max_train_samples")
-    evald = _limit(evald, args.max_eval_samples, "max_eval_samples")
+    train = normalise_columns(loaded[args.train_split], args.text_column, args.label_column, "train_file")
+    evald = normalise_columns(loaded[args.eval_split], args.text_column, args.label_column, "eval_file")
+    train = limit_rows(train.shuffle(seed=0), args.max_train_samples, "max_train_samples")
+    evald = limit_rows(evald, args.max_eval_samples, "max_eval_samples")
     num_labels = max(train["label"]) + 1
     source = f"datasets:{args.dataset}" + (f"/{args.subset}" if args.subset else "") + \
         f" ({args.train_split} / {args.eval_split})"
@@ -219,15 +180,15 @@ def method_settings(method: str, d: dict[str, Any], total_steps: int, steps_per_
     raise ValueError(f"--methods: {method!r} is not allowed; choose from {', '.join(METHODS)}")
 
 
+#: this benchmark's variants -> the method (recipes.config_class) whose config they are
+VARIANT_OF = {"lora_r2": "lora", "lora_r8": "lora", "heterolora_static": "heterolora",
+              "heterolora_dynamic": "heterolora"}
+
+
 def build_peft_config(method: str, config: dict[str, Any]):
-    from peft import AdaLoraConfig, LoraConfig, VeraConfig
+    from peft_lowrank_ext.cli.recipes import peft_config
 
-    from peft_lowrank_ext import AutoLoraConfig, HeteroLoraConfig, PriLoraConfig, RLoraConfig
-
-    cls = {"lora_r2": LoraConfig, "lora_r8": LoraConfig, "adalora": AdaLoraConfig, "vera": VeraConfig,
-           "rlora": RLoraConfig, "autolora": AutoLoraConfig, "prilora": PriLoraConfig,
-           "heterolora_static": HeteroLoraConfig, "heterolora_dynamic": HeteroLoraConfig}[method]
-    return cls(task_type="SEQ_CLS", **config)
+    return peft_config(VARIANT_OF.get(method, method), task_type="SEQ_CLS", **config)
 
 
 # ----- one run --------------------------------------------------------------------------------------
@@ -251,7 +212,7 @@ class FullFineTune:
             def save_pretrained(self, folder):
                 from safetensors.torch import save_file
 
-                from peft_lowrank_ext.train.loop import ADAPTER_FILE
+                from peft_lowrank_ext.train.run import ADAPTER_FILE
 
                 state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
                 save_file(state, str(Path(folder) / ADAPTER_FILE))
@@ -262,7 +223,7 @@ class FullFineTune:
 
 
 def _training_config(args, settings: dict[str, Any], seed: int):
-    from peft_lowrank_ext.train.loop import TrainingConfig
+    from peft_lowrank_ext.train.run import TrainingConfig
 
     return TrainingConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                           max_length=args.max_length, lr=settings["lr"], head_lr=settings["head_lr"], seed=seed,
@@ -271,16 +232,14 @@ def _training_config(args, settings: dict[str, Any], seed: int):
 
 def _wrapped(method: str, config: dict[str, Any] | None, data, model_path, seed: int):
     """The model and tokenizer as :func:`train_classifier` builds them (same seeding)."""
-    from peft import get_peft_model
+    from peft_lowrank_ext.train.models import load_model_and_tokenizer, set_seed, wrap_classifier
 
-    from peft_lowrank_ext.train.loop import load_model_and_tokenizer, set_seed
-
+    if config is not None:
+        return wrap_classifier(build_peft_config(method, config), model_path, data.num_labels, seed)
     set_seed(seed)
     net, tokenizer = load_model_and_tokenizer(model_path, data.num_labels)
     set_seed(seed)
-    if config is None:
-        return FullFineTune(net), tokenizer
-    return get_peft_model(net, build_peft_config(method, config)), tokenizer
+    return FullFineTune(net), tokenizer
 
 
 def attach_adalora_allocation(peft_model) -> dict[str, int]:
@@ -357,7 +316,7 @@ def resolve_targets(args, num_labels: int) -> list[str]:
 
         from transformers import AutoConfig
 
-        from peft_lowrank_ext.train.loop import default_target_modules, resolve_model_path
+        from peft_lowrank_ext.train.models import default_target_modules, resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model))  # no weights, no torch work
         _TARGETS_CACHE[args.model] = default_target_modules(SimpleNamespace(config=config))
@@ -373,29 +332,18 @@ def _adalora_ranks(model) -> dict[str, int] | None:
 
 def _run_autolora(settings: dict[str, Any], data, args, seed: int) -> dict[str, Any]:
     """Search on a held-out split, select ranks, retrain plain LoRA on all the data; both phases timed."""
-    from peft import get_peft_model
+    from peft_lowrank_ext.cli.recipes import autolora_search_retrain, held_out_batches, train_wrapped_classifier
 
-    from peft_lowrank_ext import AutoLoraSearch, autolora_select, retrain_lora_config
-    from peft_lowrank_ext.train.data import TextClassificationData
-    from peft_lowrank_ext.train.loop import _collate, _encode, fit, load_model_and_tokenizer, set_seed
-
-    frac = settings["config"]["held_out_fraction"]
-    split = data.train.train_test_split(test_size=frac, seed=seed)
-    search_data = TextClassificationData(split["train"], data.eval, data.num_labels, data.source)
-    model, tokenizer = _wrapped("autolora", settings["config"], search_data, args.model, seed)
-    held_rows = _encode(tokenizer, split["test"], args.max_length)
-    held = [_collate(tokenizer, held_rows[i:i + args.batch_size]) for i in range(0, len(held_rows), args.batch_size)]
-    AutoLoraSearch(held).attach(model)
     tcfg = _training_config(args, settings, seed)
-    search = fit(model, tokenizer, search_data, tcfg, method="autolora-search")
-    ranks = autolora_select(model)
-    lora_config = retrain_lora_config(model, lora_alpha=settings["config"]["lora_alpha"])
-    del model
 
-    set_seed(seed)
-    net, tokenizer = load_model_and_tokenizer(args.model, data.num_labels)
-    set_seed(seed)
-    retrain = fit(get_peft_model(net, lora_config), tokenizer, data, tcfg, method="autolora-retrain")
+    def train(config, d, name, prepare):
+        return train_wrapped_classifier(config, d, tcfg, model=args.model, method=name, prepare=prepare)
+
+    run = autolora_search_retrain(
+        build_peft_config("autolora", settings["config"]), data, train, seed=seed,
+        batches=lambda tok, held: held_out_batches("classification", tok, held, args.batch_size, args.max_length),
+        retrain_alpha=settings["config"]["lora_alpha"], names=("autolora-search", "autolora-retrain"))
+    search, retrain, ranks = run.search, run.retrain, run.ranks
     out = _result_fields(retrain)  # accuracy, parameters and adapter are the retrained LoRA's
     out.update({
         "train_time_s": search.train_time_s + retrain.train_time_s,
@@ -403,7 +351,7 @@ def _run_autolora(settings: dict[str, Any], data, args, seed: int) -> dict[str, 
         "time_per_step_s": (search.train_time_s + retrain.train_time_s) / (search.steps + retrain.steps),
         "median_step_s": retrain.median_step_s,
         "search": {**_result_fields(search), "selected_ranks": ranks,
-                   "mean_rank": sum(ranks.values()) / len(ranks), "held_out_rows": len(split["test"])},
+                   "mean_rank": sum(ranks.values()) / len(ranks), "held_out_rows": run.held_out_rows},
         "retrain": _result_fields(retrain),
         "target_modules": retrain.extra.get("target_modules"),
     })
@@ -525,7 +473,7 @@ def worker(args) -> int:
 
 
 def _payload(args, argv, data, defaults, runs, started, load_start, finished=False) -> dict[str, Any]:
-    from peft_lowrank_ext.train.loop import resolve_model_path
+    from peft_lowrank_ext.train.models import resolve_model_path
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
     return {
@@ -657,13 +605,10 @@ def run_forked(method: str, seed: int, args, defaults: dict[str, Any]) -> dict[s
 
 
 def load_renderer():
-    """bench/render_results.py as a module (bench/ is not a package and not on sys.path)."""
-    import importlib.util
+    """bench/render_results.py (the Markdown of compare.json)."""
+    from bench import render_results
 
-    spec = importlib.util.spec_from_file_location("bench_render_results", _BENCH_DIR / "render_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return render_results
 
 
 def _report(row: dict[str, Any]) -> None:

@@ -29,12 +29,9 @@ Prints markdown tables and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,16 +39,20 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if __package__ in (None, ""):  # `python bench/heterolora.py`: import from the repository root, not from bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from bench import common  # noqa: E402
+
+common.offline()
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_lowrank_ext  # noqa: E402,F401 - registers HeteroLoRA
 from peft_lowrank_ext import HeteroLoraConfig, heterolora_allocation, heterolora_score  # noqa: E402
-from peft_lowrank_ext.tuners.heterolora.allocation import adapted_root, candidates, pre_step, read_state  # noqa: E402
+from peft_lowrank_ext.tuners.heterolora.allocation import adapted_root, candidates  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 R, BUDGET = 8, 0.25
@@ -59,7 +60,7 @@ MRPC_TRAIN_ROWS = 3668
 
 
 def _model():
-    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
+    from peft_lowrank_ext.train.models import load_model_and_tokenizer
 
     return load_model_and_tokenizer(None, num_labels=2)
 
@@ -121,25 +122,7 @@ def timing(rounds: int, steps_per_round: int, batch: int, seq: int, proxy_batche
         "lora_r8_same_6": get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=2 * R, target_modules=chosen,
                                                                            task_type="SEQ_CLS")),
     }
-    optims, times = {}, {}
-    for name, model in contenders.items():
-        model.train()
-        optims[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        times[name] = []
-
-    def step(name):
-        t0 = time.perf_counter()
-        contenders[name](**inputs).loss.backward()
-        optims[name].step()
-        optims[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    for name in contenders:  # warm-up
-        for _ in range(2):
-            step(name)
-    for _ in range(rounds):
-        for name in contenders:
-            times[name].extend(step(name) for _ in range(steps_per_round))
+    times = common.interleaved_step_times(contenders, inputs, rounds, steps_per_round)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ref = medians["lora_r2_all_24"]
     params = {name: _adapter_params(m) for name, m in contenders.items()}
@@ -158,19 +141,20 @@ def scoring_cost(base, batches, proxy_batches: int, step_s: float, batch: int, t
     steps_epoch = {"bundled": math.ceil(train_rows / batch), "mrpc_sized": math.ceil(MRPC_TRAIN_ROWS / batch)}
     out = {"proxy_batches": proxy_batches, "steps_per_epoch": steps_epoch, "training_step_s": step_s, "proxies": {}}
     for proxy in ("grad_norm", "snip", "synflow", "alpha_test"):
-        # (a) inside training: the pre-step hook's extra work on one scoring-window step.
+        # (a) inside training: the step hooks' extra work on one scoring-window step (an optimizer step at
+        # lr 0: the scoring pre-step hook, the post-step counter, and SGD over the head's few gradients).
         model = get_peft_model(copy.deepcopy(base), hetero_config(0, proxy=proxy, proxy_batches=10**6))
         model.train()
-        root = adapted_root(model)
         window = []
         for b in batches[:2]:  # the first one warms up
             model(**b).loss.backward()
             optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
             t0 = time.perf_counter()
-            pre_step(root, optimizer)
+            optimizer.step()
             window.append(time.perf_counter() - t0)
             model.zero_grad(set_to_none=True)
-        assert read_state(candidates(root, "default"))[2] == 2  # two batches scored
+        state = heterolora_allocation(model)
+        assert state["step"] == 2 and state["phase"] == "scoring"  # two batches scored, still in the window
         in_window = window[1]
         # (b) before training: heterolora_score, timed on 2 batches and scaled to proxy_batches (it is linear).
         measured = min(proxy_batches, 2)
@@ -209,7 +193,8 @@ def captured_targets(_data) -> list[str]:
 # ----- 3: accuracy ----------------------------------------------------------------------------------
 def accuracy(epochs: float, seeds: list[int], lr: float, batch: int, max_length: int) -> list[dict]:
     from peft_lowrank_ext.train.data import load_text_classification
-    from peft_lowrank_ext.train.loop import TrainingConfig, train_classifier
+    from peft_lowrank_ext.train.loop import train_classifier
+    from peft_lowrank_ext.train.run import TrainingConfig
 
     data = load_text_classification()
     rows = []
@@ -232,7 +217,7 @@ def accuracy(epochs: float, seeds: list[int], lr: float, batch: int, max_length:
                 if isinstance(peft_config, HeteroLoraConfig):
                     from peft import PeftModel
 
-                    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
+                    from peft_lowrank_ext.train.models import load_model_and_tokenizer
 
                     net, _ = load_model_and_tokenizer(None, 2)
                     captured = heterolora_allocation(PeftModel.from_pretrained(net, out))
@@ -253,19 +238,9 @@ def accuracy(epochs: float, seeds: list[int], lr: float, batch: int, max_length:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps-per-round", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=32, help="the bundled reviews are at most 25 tokens long")
+    parser = common.method_bench_parser(__doc__.splitlines()[0], __file__, rounds=6,
+                                        threads_help="torch threads; 1 is steadier on a small shared machine")
     parser.add_argument("--proxy-batches", type=int, default=32, help="batches scored by heterolora_score")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 is steadier on a small shared machine")
-    parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -274,9 +249,7 @@ def main(argv=None) -> dict:
     t = timing(args.rounds, args.steps_per_round, args.batch, args.seq, args.proxy_batches)
     acc = [] if args.skip_accuracy else accuracy(args.epochs, args.seeds, args.lr, args.batch, args.seq)
     result = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "machine": common.machine_brief(),
         "timing": t, "accuracy": acc, "args": vars(args),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))

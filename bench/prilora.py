@@ -22,10 +22,7 @@ Prints a markdown table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,9 +30,13 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if __package__ in (None, ""):  # `python bench/prilora.py`: import from the repository root, not from bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from bench import common  # noqa: E402
+
+common.offline()
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -50,7 +51,7 @@ ALPHA = 16.0
 
 
 def _model():
-    from peft_lowrank_ext.train.loop import load_model_and_tokenizer
+    from peft_lowrank_ext.train.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(None, num_labels=2)
     return model, tokenizer
@@ -86,27 +87,8 @@ def time_steps(rounds: int, steps_per_round: int, batch: int, seq: int) -> dict:
             config.prune_start, config.prune_end = 0, 10_000
     import copy
 
-    models, optims, times = {}, {}, {}
-    for name, config in contenders.items():
-        model = get_peft_model(copy.deepcopy(base), config)
-        model.train()
-        models[name] = model
-        optims[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        times[name] = []
-
-    def step(name):
-        t0 = time.perf_counter()
-        models[name](**inputs).loss.backward()
-        optims[name].step()
-        optims[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
-
-    for name in models:  # warm-up
-        for _ in range(2):
-            step(name)
-    for _ in range(rounds):
-        for name in models:
-            times[name].extend(step(name) for _ in range(steps_per_round))
+    models = {name: get_peft_model(copy.deepcopy(base), config) for name, config in contenders.items()}
+    times = common.interleaved_step_times(models, inputs, rounds, steps_per_round)
     medians = {name: statistics.median(t) for name, t in times.items()}
     minima = {name: min(t) for name, t in times.items()}  # the least disturbed step: steadier under load
     ref = medians["lora_r8"]
@@ -180,7 +162,8 @@ def memory(model) -> dict:
 # ----- 3. accuracy --------------------------------------------------------------------------------
 def accuracy(epochs: float, seeds: list[int], lr: float) -> list[dict]:
     from peft_lowrank_ext.train.data import load_text_classification
-    from peft_lowrank_ext.train.loop import TrainingConfig, train_classifier
+    from peft_lowrank_ext.train.loop import train_classifier
+    from peft_lowrank_ext.train.run import TrainingConfig
 
     data = load_text_classification()
     rows = []
@@ -211,18 +194,9 @@ def accuracy(epochs: float, seeds: list[int], lr: float) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--steps-per-round", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=32, help="the bundled reviews are at most 25 tokens long")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 is steadier on a small shared machine (2 threads oversubscribe it)")
-    parser.add_argument("--skip-accuracy", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    parser = common.method_bench_parser(
+        __doc__.splitlines()[0], __file__, rounds=12,
+        threads_help="torch threads; 1 is steadier on a small shared machine (2 threads oversubscribe it)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -231,9 +205,7 @@ def main(argv=None) -> dict:
     timing = time_steps(args.rounds, args.steps_per_round, args.batch, args.seq)
     acc = [] if args.skip_accuracy else accuracy(args.epochs, args.seeds, args.lr)
     result = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "machine": common.machine_brief(),
         "timing": timing, "accuracy": acc, "args": vars(args),
     }
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -19,7 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-_BENCH_DIR = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # `python bench/render_results.py`: import from the repository root, not bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from bench.common import BENCH_DIR, RESULTS_DIR, human_bytes  # noqa: E402
+
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 
 GPU_PENDING = ("**GPU numbers are pending**: no GPU was available in the session that ran these benchmarks, so "
@@ -37,17 +42,6 @@ SCALING_LABELS = {"lora": "PEFT LoRA", "rlora": "RLoRA (5%)", "autolora": "AutoL
 
 
 # ----- formatting -----------------------------------------------------------------------------------
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
@@ -299,8 +293,8 @@ def render_all(results_dir: Path, readme: Path | None) -> list[Path]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Render bench/results/*.json to Markdown and into the README.")
-    p.add_argument("--results-dir", type=Path, default=_BENCH_DIR / "results")
-    p.add_argument("--readme", type=Path, default=_BENCH_DIR.parent / "docs" / "benchmarks.md",
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--readme", type=Path, default=BENCH_DIR.parent / "docs" / "benchmarks.md",
                    help="Markdown file whose marked section is replaced (default docs/benchmarks.md)")
     p.add_argument("--no-readme", action="store_true")
     args = p.parse_args(argv)

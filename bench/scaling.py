@@ -3,13 +3,17 @@
     python bench/scaling.py                         # both sweeps (CPU: tens of minutes on 2 cores)
     python bench/scaling.py --sweeps rank --ranks 4 8 16
     python bench/scaling.py --models llama-tiny llama-7b-block --timed-steps 2
+    python bench/scaling.py --sweeps model --models minilm llama-1b --methods lora rlora \
+        --batch 16 --seq 64      # RLoRA vs LoRA: parameters, adapter file, Adam state, memory, step time
 
 Models are Llama stacks built from a config with random weights (causal LM, adapters on
 ``q_proj``/``v_proj``): ``llama-tiny`` (hidden 256, 4 layers), ``llama-mid`` (hidden 768, 12 layers),
 ``llama-1b`` (the 1.1B shape: hidden 2048, 22 layers, vocabulary 32000) and ``llama-7b-block``
 (one decoder block of the 7B shape: hidden 4096, intermediate 11008, 32 heads, with a small
 vocabulary so that the block dominates). The rank sweep uses ``llama-7b-block``, where r·(d_in+d_out)
-is largest. Methods, all at the same rank r on the same targets:
+is largest. ``minilm`` (the packaged pretrained all-MiniLM-L6-v2 as a sequence classifier, adapters on
+``query``/``value``) is measured only when named in ``--models``. Methods, all at the same rank r on
+the same targets (configs from :func:`peft_lowrank_ext.cli.recipes.peft_config`):
 
 * ``lora`` — PEFT LoRA;
 * ``rlora`` — RLoRA at projection ratio 0.05 with the PAC-Bayes term (weight 0.1);
@@ -18,7 +22,8 @@ is largest. Methods, all at the same rank r on the same targets:
 * ``heterolora`` — HeteroLoRA after allocation (half of the candidates on).
 
 Each (model, method) — and each method's whole rank sweep — runs in a fresh worker process, so
-peak memory is its own. Step = forward + backward + AdamW step with the method's hooks, batch
+peak memory is its own. Every point also records the trainable parameters, the size of the saved
+``adapter_model.safetensors`` and the optimizer state after the first step. Step = forward + backward + AdamW step with the method's hooks, batch
 ``--batch`` × ``--seq`` tokens, median of ``--timed-steps`` after ``--warmup`` untimed steps.
 Writes ``bench/results/scaling.json`` (after every measurement), ``scaling_model.png``,
 ``scaling_rank.png`` and ``scaling.md``.
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -38,27 +42,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if __package__ in (None, ""):  # `python bench/scaling.py`: import from the repository root, not from bench/
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
+        p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from bench import common  # noqa: E402
+from peft_lowrank_ext.cli.recipes import METHODS  # noqa: E402
 
-def _sibling(name: str):
-    """Another bench/ script as a module (bench/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _sibling("compare_methods")  # machine info, load average, peak-RSS helpers
-
-METHODS = ("lora", "rlora", "autolora", "prilora", "heterolora")
-MODELS: dict[str, dict[str, Any]] = {
+common.offline()
+LLAMAS: dict[str, dict[str, Any]] = {
     "llama-tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=8, vocab_size=4096),
     "llama-mid": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -68,7 +60,21 @@ MODELS: dict[str, dict[str, Any]] = {
     "llama-7b-block": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1, num_attention_heads=32,
                            num_key_value_heads=32, vocab_size=1024),
 }
+MINILM = "minilm"  # the packaged pretrained all-MiniLM-L6-v2, a sequence classifier (only when asked for)
+MODELS: dict[str, dict[str, Any]] = {**LLAMAS, MINILM: {"packaged": "all-MiniLM-L6-v2", "num_labels": 2}}
 TARGETS = ["q_proj", "v_proj"]
+
+
+def method_settings(method: str, r: int) -> dict[str, Any]:
+    """What a method's config sets besides r / alpha / targets (every other setting: the config's default)."""
+    return {
+        "lora": {},
+        "rlora": dict(projection_ratio=0.05, pac_bayes_weight=0.1, num_train_examples=1000),
+        "autolora": {},  # a search step: second-order hypergradient on one held-out batch
+        "prilora": dict(r_first=r, r_last=r, prune_every=1, prune_start=0, prune_end=10**6, final_sparsity=0.5),
+        "heterolora": dict(budget=0.5, proxy="grad_norm", proxy_batches=1),
+    }[method]
+
 
 # Why a method's step can grow faster than LoRA's (used in the findings next to the measured ratios).
 WHY = {
@@ -91,44 +97,24 @@ WHY = {
 
 
 # ----- one measurement ------------------------------------------------------------------------------
-def build_llama(name: str, dtype):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+def build_model(name: str, dtype):
+    """``(model, targets, task_type, vocab_size)`` of a ``MODELS`` entry."""
+    if name == MINILM:
+        from peft_lowrank_ext.train.models import load_model_and_tokenizer
 
-    config = LlamaConfig(**MODELS[name], max_position_embeddings=2048, rms_norm_eps=1e-5)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # cheap random weights; the values do not matter for cost
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # non-persistent buffers were left empty
-    return model, config
+        model, _ = load_model_and_tokenizer(None, MODELS[MINILM]["num_labels"])
+        return model, ["query", "value"], "SEQ_CLS", model.config.vocab_size
+    model, config = common.build_llama(dtype, **LLAMAS[name], max_position_embeddings=2048, rms_norm_eps=1e-5)
+    return model, TARGETS, "CAUSAL_LM", config.vocab_size
 
 
-def method_config(method: str, r: int):
-    from peft import LoraConfig
+def method_config(method: str, r: int, targets: list[str] = TARGETS, task_type: str = "CAUSAL_LM"):
+    from peft_lowrank_ext.cli.recipes import peft_config
 
-    from peft_lowrank_ext import AutoLoraConfig, HeteroLoraConfig, PriLoraConfig, RLoraConfig
-
-    common = dict(lora_alpha=2 * r, target_modules=TARGETS, task_type="CAUSAL_LM")
-    if method == "lora":
-        return LoraConfig(r=r, **common)
-    if method == "rlora":
-        return RLoraConfig(r=r, projection_ratio=0.05, pac_bayes_weight=0.1, num_train_examples=1000, **common)
-    if method == "autolora":
-        return AutoLoraConfig(r=r, **common)
-    if method == "prilora":
-        return PriLoraConfig(r_first=r, r_last=r, prune_every=1, prune_start=0, prune_end=10**6,
-                             final_sparsity=0.5, **common)
-    if method == "heterolora":
-        return HeteroLoraConfig(r=r, budget=0.5, proxy="grad_norm", proxy_batches=1, **common)
-    raise ValueError(f"--methods: {method!r} is not allowed; choose from {', '.join(METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"--methods: {method!r} is not allowed; choose from {', '.join(METHODS)}")
+    return peft_config(method, r=r, lora_alpha=2 * r, target_modules=targets, task_type=task_type,
+                       **method_settings(method, r))
 
 
 def measure(model_name: str, method: str, r: int, args) -> dict[str, Any]:
@@ -136,22 +122,24 @@ def measure(model_name: str, method: str, r: int, args) -> dict[str, Any]:
     from peft import get_peft_model
 
     import peft_lowrank_ext  # noqa: F401
-    from peft_lowrank_ext.train.loop import count_parameters
+    from peft_lowrank_ext.train.measure import count_parameters, optimizer_state_bytes
+    from peft_lowrank_ext.train.run import save_adapter
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    compare.reset_peak_rss()
+    common.reset_peak_rss()
     t0 = time.perf_counter()
-    base, config = build_llama(model_name, dtype)
-    model = get_peft_model(base, method_config(method, r))
+    base, targets, task_type, vocab = build_model(model_name, dtype)
+    model = get_peft_model(base, method_config(method, r, targets, task_type))
     build_s = time.perf_counter() - t0
     model.train()
     trainable, total = count_parameters(model)
     gen = torch.Generator().manual_seed(1)
 
     def batch():
-        ids = torch.randint(5, config.vocab_size, (args.batch, args.seq), generator=gen)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        ids = torch.randint(5, vocab, (args.batch, args.seq), generator=gen)
+        labels = torch.randint(0, 2, (args.batch,), generator=gen) if task_type == "SEQ_CLS" else ids.clone()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     inputs = batch()
     if method == "autolora":
@@ -169,22 +157,54 @@ def measure(model_name: str, method: str, r: int, args) -> dict[str, Any]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
             step()
-        rss_before = compare.rss_bytes()
-        peak_with_build = compare.peak_rss_bytes()
-        compare.reset_peak_rss()
+            if i == 0:
+                opt_bytes = optimizer_state_bytes(opt)  # the first step allocates the optimizer state
+        rss_before = common.rss_bytes()
+        peak_with_build = common.peak_rss_bytes()
+        common.reset_peak_rss()
         times = [step() for _ in range(args.timed_steps)]
-    peak = compare.peak_rss_bytes()
+    peak = common.peak_rss_bytes()
+    adapter_bytes, _ = save_adapter(model, None)
     return {
         "model": model_name, "method": method, "r": r, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq,
-        "trainable_params": trainable, "total_params": total,
+        "targets": targets, "task_type": task_type, "trainable_params": trainable, "total_params": total,
+        "adapter_bytes": adapter_bytes, "optimizer_state_bytes": opt_bytes,
         "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_all": times,
         "rss_before_steps_bytes": rss_before, "peak_rss_bytes": peak, "peak_rss_with_build_bytes": peak_with_build,
         "step_peak_over_base_bytes": (peak - rss_before) if peak and rss_before else None,
-        "build_s": build_s, "torch_threads": torch.get_num_threads(), "load_average": compare.load_average(),
-        "niceness": os.nice(0) if hasattr(os, "nice") else None, "finished_at": compare.now_iso(),
+        "build_s": build_s, "torch_threads": torch.get_num_threads(), "load_average": common.load_average(),
+        "niceness": os.nice(0) if hasattr(os, "nice") else None, "finished_at": common.now_iso(),
     }
+
+
+def cost_table(runs: list[dict[str, Any]]) -> str:
+    """Parameters, adapter file, Adam state, memory and step time per (model, method), and each method's
+    ratios to LoRA on the same model at the same r (the former bench/rlora_vs_lora.py table)."""
+    ok = [r for r in runs if "error" not in r and "adapter_bytes" in r]
+    if not ok:
+        return ""
+    hb = common.human_bytes
+    head = ["model", "method", "r", "trainable params", "adapter file", "Adam state", "RSS before steps",
+            "peak RSS in steps", "step time (median)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":--", ":--"] + ["--:"] * (len(head) - 2)) + "|"]
+    for r in ok:
+        lines.append("| " + " | ".join([
+            r["model"], r["method"], str(r["r"]), f"{r['trainable_params']:,}", hb(r["adapter_bytes"]),
+            hb(r["optimizer_state_bytes"]), hb(r["rss_before_steps_bytes"]), hb(r["peak_rss_bytes"]),
+            f"{1000 * r['step_s_median']:.0f} ms"]) + " |")
+    lora = {(r["model"], r["r"]): r for r in ok if r["method"] == "lora"}
+    notes = []
+    for r in ok:
+        b = lora.get((r["model"], r["r"]))
+        if b and r["method"] != "lora":
+            notes.append(f"* {r['model']} r={r['r']}: {r['method']}/LoRA trainable params "
+                         f"{r['trainable_params'] / b['trainable_params']:.3f}x, adapter file "
+                         f"{r['adapter_bytes'] / b['adapter_bytes']:.3f}x, Adam state "
+                         f"{r['optimizer_state_bytes'] / b['optimizer_state_bytes']:.3f}x, step time "
+                         f"{r['step_s_median'] / b['step_s_median']:.2f}x")
+    return "\n".join(lines + [""] + notes)
 
 
 # ----- findings and plots ---------------------------------------------------------------------------
@@ -285,7 +305,8 @@ def plot(runs: list[dict[str, Any]], sweep: str, path: Path, model_order: list[s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Step time and peak memory vs model size and vs r, each method vs LoRA.")
     p.add_argument("--sweeps", nargs="+", choices=("model", "rank"), default=["model", "rank"])
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(LLAMAS),
+                   help=f"models of the model sweep (default: {' '.join(LLAMAS)}; {MINILM} only when named)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--r", type=int, default=8, help="rank of the model sweep (default 8)")
     p.add_argument("--ranks", nargs="+", type=int, default=[4, 16, 64])
@@ -300,7 +321,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start no new measurement after this many seconds (what was skipped is recorded)")
     p.add_argument("--render-only", action="store_true",
                    help="measure nothing: redo plots, findings and scaling.md from an existing scaling.json")
-    p.add_argument("--output-dir", type=Path, default=_BENCH_DIR / "results")
+    p.add_argument("--output-dir", type=Path, default=common.RESULTS_DIR)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("r", "batch", "seq", "warmup", "timed_steps", "threads"):
@@ -333,7 +354,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    started, load_start = compare.now_iso(), compare.load_average()
+    started, load_start = common.now_iso(), common.load_average()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.output_dir / "scaling.json"
     model_order = list(MODELS)
@@ -359,9 +380,9 @@ def main(argv=None) -> int:
         payload = {
             "schema": "peft-lowrank-ext/scaling/1", "command": "python bench/scaling.py" + (
                 " " + " ".join(argv) if argv else ""), "argv": argv,
-            "date_start": started, "date_end": compare.now_iso() if finished else None, "finished": finished,
-            "machine": compare.machine_info(args.threads),
-            "load_average": {"start": load_start, "end": compare.load_average()},
+            "date_start": started, "date_end": common.now_iso() if finished else None, "finished": finished,
+            "machine": common.machine_info(args.threads),
+            "load_average": {"start": load_start, "end": common.load_average()},
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
             "models": {m: {"config": MODELS[m], "description": _describe(m), "batch": args.batch, "seq_len": args.seq,
                            "warmup": args.warmup, "steps": args.timed_steps, "dtype": args.dtype} for m in models_used},
@@ -376,7 +397,7 @@ def main(argv=None) -> int:
             stopped.update(reason=f"--time-budget {args.time_budget:g} s used up", not_run=jobs[i:])
             print(f"[scaling] stopping early: {stopped['reason']}", file=sys.stderr, flush=True)
             break
-        print(f"[scaling] {job} (load {compare.load_average()})", file=sys.stderr, flush=True)
+        print(f"[scaling] {job} (load {common.load_average()})", file=sys.stderr, flush=True)
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", job]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
@@ -397,7 +418,13 @@ def main(argv=None) -> int:
 
 
 def _write_markdown(json_path: Path) -> None:
-    md = _sibling("render_results").render_scaling(json.loads(json_path.read_text(encoding="utf-8")))
+    from bench import render_results
+
+    payload = json.loads(json_path.read_text(encoding="utf-8"))
+    md = render_results.render_scaling(payload)
+    costs = cost_table(payload["runs"])
+    if costs:
+        md = md.rstrip("\n") + "\n\n## Parameters, adapter file and optimizer state\n\n" + costs + "\n"
     json_path.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 
@@ -417,6 +444,8 @@ def render_only(json_path: Path, model_order: list[str]) -> int:
 
 
 def _describe(name: str) -> str:
+    if name == MINILM:
+        return "the packaged pretrained all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) as a sequence classifier"
     c = MODELS[name]
     h, head_dim = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
     n_block = 2 * h * h + 2 * h * c["num_key_value_heads"] * head_dim + 3 * h * c["intermediate_size"]

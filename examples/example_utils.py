@@ -21,30 +21,30 @@ from pathlib import Path
 
 import torch
 
-from peft_lowrank_ext import HeteroLoraConfig, PriLoraConfig, RLoraConfig
+from peft_lowrank_ext.cli.recipes import METHOD_DEFAULTS, peft_config
 from peft_lowrank_ext.train.data import load_text_classification
-from peft_lowrank_ext.train.loop import (count_parameters, head_and_adapter_groups, load_model_and_tokenizer,
-                                       resolve_model_path, set_seed)
+from peft_lowrank_ext.train.loop import head_and_adapter_groups
+from peft_lowrank_ext.train.measure import count_parameters
+from peft_lowrank_ext.train.models import load_model_and_tokenizer, resolve_model_path, set_seed
 
 
 #: Methods that train with a plain ``Trainer`` and no extra data (AutoLoRA needs held-out data).
 SIMPLE_METHODS = ("rlora", "prilora", "heterolora")
 #: Adapter learning rates that trained well on the bundled data (RLoRA's few numbers want a large one).
-DEFAULT_LR = {"rlora": 3e-2, "prilora": 2e-3, "heterolora": 2e-3}
+DEFAULT_LR = {m: METHOD_DEFAULTS[m]["lr"] for m in SIMPLE_METHODS}  # the CLI's (one place: cli/recipes.py)
 
 
 def simple_method_config(method: str, num_train: int, target_modules=("query", "value")):
-    """A classification config of ``method`` with settings that work on the bundled data."""
-    common = dict(target_modules=list(target_modules), task_type="SEQ_CLS")
-    if method == "rlora":
-        return RLoraConfig(r=8, lora_alpha=16, projection_ratio=0.05, pac_bayes_weight=0.1,
-                           num_train_examples=num_train, **common)
-    if method == "prilora":
-        return PriLoraConfig(r_first=4, r_last=12, lora_alpha=8, prune_every=1, prune_end=2, final_sparsity=0.5,
-                             **common)
-    if method == "heterolora":
-        return HeteroLoraConfig(r=8, lora_alpha=16, budget=0.5, proxy_batches=1, **common)
-    raise ValueError(f"method={method!r} is not allowed; choose one of {SIMPLE_METHODS}")
+    """A classification config of ``method`` with settings that work on the bundled data
+    (e.g. ``RLoraConfig(r=8, lora_alpha=16, projection_ratio=0.05, ...)``)."""
+    settings = {
+        "rlora": dict(r=8, lora_alpha=16, projection_ratio=0.05, pac_bayes_weight=0.1, num_train_examples=num_train),
+        "prilora": dict(r_first=4, r_last=12, lora_alpha=8, prune_every=1, prune_end=2, final_sparsity=0.5),
+        "heterolora": dict(r=8, lora_alpha=16, budget=0.5, proxy_batches=1),
+    }
+    if method not in settings:
+        raise ValueError(f"method={method!r} is not allowed; choose one of {SIMPLE_METHODS}")
+    return peft_config(method, target_modules=list(target_modules), task_type="SEQ_CLS", **settings[method])
 
 
 from peft_lowrank_ext.cli.arg_types import positive_float, positive_int  # noqa: E402,F401  (argparse types)

@@ -39,33 +39,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import export_lora
-from peft_lowrank_ext.train.loop import default_target_modules
-from example_utils import output_folder, positive_float, positive_int, quiet_hf_logging, require_same_logits
-from sft_causal_lm import DEFAULT_LR, load_texts, peft_config_for, summary
+from peft_lowrank_ext.train.models import default_target_modules
+from example_utils import output_folder, quiet_hf_logging, require_same_logits
+from sft_causal_lm import DEFAULT_LR, load_texts, peft_config_for, sft_parser, summary
 
 # AutoLoRA's search needs held-out rows and a callback: see sft_causal_lm.py, which shows it.
 METHODS = ("rlora", "prilora", "heterolora")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="causal LM: hub id or local folder (with its tokenizer)")
-    parser.add_argument("--method", choices=METHODS, default="prilora", help="adapter method (default %(default)s)")
-    parser.add_argument("--train-file", default=None,
-                        help="local CSV/JSON/JSONL/Parquet file with a 'text' column (default: bundled review texts)")
-    parser.add_argument("--target-modules", nargs="+", default=None,
-                        help="modules to adapt (default: PEFT's LoRA defaults for the architecture)")
-    parser.add_argument("--r", type=positive_int, default=8, help="adapter rank (default %(default)s)")
-    parser.add_argument("--epochs", type=positive_float, default=1.0, help="training epochs (default %(default)s)")
-    parser.add_argument("--max-steps", type=positive_int, default=None, help="stop after N steps (overrides --epochs)")
-    parser.add_argument("--max-train-samples", type=positive_int, default=None, help="use only the first N rows")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default %(default)s)")
-    parser.add_argument("--lr", type=positive_float, default=None,
-                        help=f"learning rate (default per method: {DEFAULT_LR})")
-    parser.add_argument("--max-length", type=positive_int, default=128, help="tokens per row (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    parser.add_argument("--output-dir", default=None, help="where the adapters go (default: a temporary folder)")
-    return parser.parse_args(argv)
+    return sft_parser(__doc__.split("\n\n")[0], METHODS, "prilora",
+                      "where the adapters go (default: a temporary folder)").parse_args(argv)
 
 
 def four_bit(model_id: str, compute_dtype: torch.dtype):

@@ -33,20 +33,21 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from peft_lowrank_ext import (AutoLoraConfig, AutoLoraSearch, HeteroLoraConfig, PriLoraConfig, RLoraConfig,
-                              autolora_select, heterolora_allocation, pac_bayes_stats, prilora_sparsity)
+from peft_lowrank_ext import AutoLoraSearch, autolora_select, heterolora_allocation, pac_bayes_stats, prilora_sparsity
+from peft_lowrank_ext.cli.recipes import peft_config
 from peft_lowrank_ext.train.data import load_table, load_text_classification
-from peft_lowrank_ext.train.loop import default_target_modules
+from peft_lowrank_ext.train.models import default_target_modules
 from example_utils import output_folder, positive_float, positive_int, quiet_hf_logging, require_same_logits
 
 METHODS = ("rlora", "autolora", "prilora", "heterolora")
 DEFAULT_LR = {"rlora": 1e-2, "autolora": 2e-4, "prilora": 2e-4, "heterolora": 2e-4}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sft_parser(description: str, methods: tuple[str, ...], default_method: str, output_help: str):
+    """The options of the SFT examples (this one and qlora_sft.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="causal LM: hub id or local folder (with its tokenizer)")
-    parser.add_argument("--method", choices=METHODS, default="rlora", help="adapter method (default %(default)s)")
+    parser.add_argument("--method", choices=methods, default=default_method, help="adapter method (default %(default)s)")
     parser.add_argument("--train-file", default=None,
                         help="local CSV/JSON/JSONL/Parquet file with a 'text' column (default: bundled review texts)")
     parser.add_argument("--target-modules", nargs="+", default=None,
@@ -60,8 +61,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"learning rate (default per method: {DEFAULT_LR})")
     parser.add_argument("--max-length", type=positive_int, default=128, help="tokens per row (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    parser.add_argument("--output-dir", default=None, help="where the adapter goes (default: a temporary folder)")
-    return parser.parse_args(argv)
+    parser.add_argument("--output-dir", default=None, help=output_help)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return sft_parser(__doc__.split("\n\n")[0], METHODS, "rlora",
+                      "where the adapter goes (default: a temporary folder)").parse_args(argv)
 
 
 def load_texts(args: argparse.Namespace) -> Dataset:
@@ -80,18 +86,18 @@ def load_texts(args: argparse.Namespace) -> Dataset:
 
 
 def peft_config_for(method: str, args: argparse.Namespace, targets: list[str], n_train: int):
-    common = dict(target_modules=targets, task_type="CAUSAL_LM")
-    if method == "rlora":
-        return RLoraConfig(r=args.r, lora_alpha=2 * args.r, projection_ratio=0.05, pac_bayes_weight=0.1,
-                           num_train_examples=n_train, seed=args.seed, **common)
-    if method == "autolora":
-        return AutoLoraConfig(r=args.r, lora_alpha=args.r, hypergradient="first_order", **common)
-    if method == "prilora":
-        prune_end = max(1, n_train // args.batch_size // 2)  # half of the first epoch
-        return PriLoraConfig(r_first=max(1, args.r // 2), r_last=args.r * 3 // 2, lora_alpha=2 * args.r,
-                             prune_every=max(1, prune_end // 5), prune_start=0, prune_end=prune_end,
-                             final_sparsity=0.5, **common)
-    return HeteroLoraConfig(r=args.r, lora_alpha=2 * args.r, budget=0.5, proxy_batches=1, seed=args.seed, **common)
+    """The method's config (e.g. ``RLoraConfig(r=8, lora_alpha=16, projection_ratio=0.05, ...)``)."""
+    r = args.r
+    prune_end = max(1, n_train // args.batch_size // 2)  # PRILoRA: half of the first epoch
+    settings = {
+        "rlora": dict(r=r, lora_alpha=2 * r, projection_ratio=0.05, pac_bayes_weight=0.1, num_train_examples=n_train,
+                      seed=args.seed),
+        "autolora": dict(r=r, lora_alpha=r, hypergradient="first_order"),
+        "prilora": dict(r_first=max(1, r // 2), r_last=r * 3 // 2, lora_alpha=2 * r, prune_every=max(1, prune_end // 5),
+                        prune_start=0, prune_end=prune_end, final_sparsity=0.5),
+        "heterolora": dict(r=r, lora_alpha=2 * r, budget=0.5, proxy_batches=1, seed=args.seed),
+    }[method]
+    return peft_config(method, target_modules=targets, task_type="CAUSAL_LM", **settings)
 
 
 def summary(method: str, model) -> str:

@@ -18,16 +18,10 @@ import torch
 import peft_lowrank_ext  # noqa: F401  (registers RLoRA with PEFT)
 from peft_lowrank_ext.data import EVAL_CSV, TRAIN_CSV, make_dataset
 from peft_lowrank_ext.train.data import FORMATS, load_table, load_text_classification
-from peft_lowrank_ext.train.loop import (
-    TrainingConfig,
-    count_parameters,
-    default_target_modules,
-    linear_schedule,
-    load_model_and_tokenizer,
-    optimizer_state_bytes,
-    packaged_model_path,
-    train_classifier,
-)
+from peft_lowrank_ext.train.loop import linear_schedule, train_classifier
+from peft_lowrank_ext.train.measure import count_parameters, optimizer_state_bytes
+from peft_lowrank_ext.train.models import default_target_modules, load_model_and_tokenizer, packaged_model_path
+from peft_lowrank_ext.train.run import TrainingConfig
 
 # ----- helpers shared with test_cli.py ----------------------------------------------------------
 EASY_POS = ["good", "great", "lovely", "superb", "nice"]

@@ -51,7 +51,7 @@ def load_adapter_model(adapter_dir: str | os.PathLike, model: str | None = None)
     import peft_lowrank_ext  # noqa: F401  (registers the methods with PEFT)
     from peft import PeftModel
 
-    from peft_lowrank_ext.train.loop import _quiet_transformers, model_load_error
+    from peft_lowrank_ext.train.models import model_load_error, quiet_transformers
 
     config = read_adapter_config(adapter_dir)
     base = model or config.get("base_model_name_or_path")
@@ -61,7 +61,7 @@ def load_adapter_model(adapter_dir: str | os.PathLike, model: str | None = None)
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if task == "SEQ_CLS":
                 labels = _num_labels(Path(adapter_dir))
                 kwargs = {"num_labels": labels} if labels else {}

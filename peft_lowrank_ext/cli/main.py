@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from peft_lowrank_ext.cli.adapters import CliError
-from peft_lowrank_ext.cli.recipes import DEFAULT_LR, DEFAULT_R, METHOD_DEFAULTS, METHODS, TASKS
+from peft_lowrank_ext.cli.recipes import (  # noqa: F401  (HYPERGRADIENTS etc.: the choices, from the configs)
+    DEFAULT_LR,
+    DEFAULT_R,
+    HETERO_MODES,
+    HETERO_PROXIES,
+    HYPERGRADIENTS,
+    METHOD_DEFAULTS,
+    METHODS,
+    TASKS,
+)
 from peft_lowrank_ext.cli.report import human_bytes, markdown_table  # noqa: F401  (part of the CLI's API)
 
 SUBCOMMANDS = ("compare", "train", "export", "inspect")
@@ -30,9 +39,6 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_LENGTH = 64
 DEFAULT_PROJECTION_RATIO = METHOD_DEFAULTS["rlora"]["projection_ratio"]
 DEFAULT_PAC_BAYES_WEIGHT = METHOD_DEFAULTS["rlora"]["pac_bayes_weight"]
-HYPERGRADIENTS = ("second_order", "first_order")
-HETERO_MODES = ("static", "dynamic")
-HETERO_PROXIES = ("constant", "grad_norm", "snip", "synflow", "alpha_test")
 
 
 # ----- argument types: argparse prefixes their messages with "argument --name:" -----------------
@@ -322,7 +328,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     from peft_lowrank_ext.cli.recipes import run_method
     from peft_lowrank_ext.cli.report import ratios, write_figures, write_results
-    from peft_lowrank_ext.train.loop import resolve_model_path
+    from peft_lowrank_ext.train.models import resolve_model_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

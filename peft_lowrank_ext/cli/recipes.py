@@ -5,7 +5,12 @@ Every method gets the same ``r``, ``lora_alpha`` and target modules; what differ
 shared plain loop (classification, :mod:`peft_lowrank_ext.train.loop`) or TRL's ``SFTTrainer``
 (causal LM, :mod:`peft_lowrank_ext.train.sft`); the methods' own training-time work happens by itself
 through the optimizer step hooks. AutoLoRA is two runs: the search on a held-out split of the
-training data, then plain LoRA retrained on all of it with the ranks found.
+training data, then plain LoRA retrained on all of it with the ranks found
+(:func:`autolora_search_retrain`, which the benchmarks use too with their own train function).
+
+This module is also the one table of the methods: :data:`CONFIG_CLASSES` (method -> config class;
+the CLI's choices), :func:`peft_config` (one config from settings, used by bench/ and examples/),
+and the choice lists of the method options, taken from the configs (``HYPERGRADIENTS``, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-METHODS = ("lora", "rlora", "autolora", "prilora", "heterolora")
+from peft import LoraConfig
+
+from peft_lowrank_ext.tuners.autolora.config import HYPERGRADIENTS, AutoLoraConfig
+from peft_lowrank_ext.tuners.heterolora.config import MODES as HETERO_MODES
+from peft_lowrank_ext.tuners.heterolora.config import PROXIES as HETERO_PROXIES
+from peft_lowrank_ext.tuners.heterolora.config import HeteroLoraConfig
+from peft_lowrank_ext.tuners.prilora.config import PriLoraConfig
+from peft_lowrank_ext.tuners.rlora.config import RLoraConfig
+
+#: method name -> its PEFT config class: the one table of the methods (the CLI's choices are its keys)
+CONFIG_CLASSES: dict[str, type] = {"lora": LoraConfig, "rlora": RLoraConfig, "autolora": AutoLoraConfig,
+                                   "prilora": PriLoraConfig, "heterolora": HeteroLoraConfig}
+METHODS = tuple(CONFIG_CLASSES)
 TASKS = ("classification", "causal-lm")
 DYNAMIC_RANK_METHODS = ("prilora", "heterolora")  # ranks recorded during training (rank_history_*.png)
 RANKED_METHODS = ("autolora", "prilora", "heterolora")  # per-module ranks differ (ranks_*.png)
@@ -55,7 +72,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 class MethodRun:
     """One method's finished run: the measured result plus what the figures need."""
 
-    result: Any  # training.TrainResult
+    result: Any  # train.run.TrainResult
     ranks: dict[str, int] | None = None
     rank_history: list[tuple[int, dict[str, int]]] | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -83,20 +100,44 @@ def total_steps(args, num_train_rows: int) -> int:
     return args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
 
 
+def config_class(method: str) -> type:
+    """The PEFT config class of ``method``: one of :data:`METHODS`, or PEFT's ``adalora`` / ``vera``
+    (baselines of the benchmarks)."""
+    if method in CONFIG_CLASSES:
+        return CONFIG_CLASSES[method]
+    from peft import AdaLoraConfig, VeraConfig
+
+    baselines = {"adalora": AdaLoraConfig, "vera": VeraConfig}
+    if method not in baselines:
+        raise ValueError(f"argument --method: invalid choice: {method!r} (choose from {', '.join(METHODS)})")
+    return baselines[method]
+
+
+def peft_config(method: str, *, task_type: str = "SEQ_CLS", **settings):
+    """A fresh PEFT config of ``method`` (see :func:`config_class`) with ``settings``.
+
+    PRILoRA has no single ``r``: a given ``r`` becomes its mean rank (``r_mean``) unless
+    ``r_first``/``r_last`` are set.
+    """
+    if method == "prilora" and "r" in settings:
+        r = settings.pop("r")
+        if "r_first" not in settings and "r_last" not in settings:
+            settings["r_mean"] = r
+    return config_class(method)(task_type=task_type, **settings)
+
+
 def make_peft_config(method: str, args, num_train_examples: int):
     """A fresh PEFT config for ``method`` with the shared r / alpha / targets and the method's defaults."""
+    if method not in CONFIG_CLASSES:
+        raise ValueError(f"argument --method: invalid choice: {method!r} (choose from {', '.join(METHODS)})")
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.r
     targets = list(args.target_modules) if args.target_modules else None
     task_type = "CAUSAL_LM" if getattr(args, "task", "classification") == "causal-lm" else "SEQ_CLS"
     common = {"r": args.r, "lora_alpha": alpha, "target_modules": targets, "lora_dropout": 0.0, "task_type": task_type}
     steps = total_steps(args, num_train_examples)
     if method == "lora":
-        from peft import LoraConfig
-
-        return LoraConfig(**common)
+        return peft_config(method, **common)
     if method == "rlora":
-        from peft_lowrank_ext import RLoraConfig
-
         if args.intrinsic_dim is not None and args.projection_ratio is not None:
             raise ValueError("argument --intrinsic-dim: not allowed with argument --projection-ratio (give one of them)")
         size = ({"intrinsic_dim": args.intrinsic_dim} if args.intrinsic_dim is not None
@@ -104,35 +145,26 @@ def make_peft_config(method: str, args, num_train_examples: int):
         weight = args.pac_bayes_weight if args.pac_bayes_weight is not None else METHOD_DEFAULTS["rlora"]["pac_bayes_weight"]
         pac = ({"pac_bayes_weight": weight, "num_train_examples": num_train_examples} if weight > 0
                else {"pac_bayes_weight": 0.0})
-        return RLoraConfig(seed=args.seed, **common, **size, **pac)
+        return peft_config(method, seed=args.seed, **common, **size, **pac)
     if method == "autolora":
-        from peft_lowrank_ext import AutoLoraConfig
-
         d = METHOD_DEFAULTS["autolora"]
-        return AutoLoraConfig(**common, hypergradient=_opt(args, "autolora_hypergradient", method),
-                              arch_lr=_opt(args, "autolora_arch_lr", method), held_out_fraction=d["held_out_fraction"])
+        return peft_config(method, **common, hypergradient=_opt(args, "autolora_hypergradient", method),
+                           arch_lr=_opt(args, "autolora_arch_lr", method), held_out_fraction=d["held_out_fraction"])
     if method == "prilora":
-        from peft_lowrank_ext import PriLoraConfig
-
         d = METHOD_DEFAULTS["prilora"]
-        common.pop("r")
-        return PriLoraConfig(r_mean=args.r, **common, final_sparsity=_opt(args, "prilora_final_sparsity", method),
-                             prune_every=max(1, round(steps * d["prune_every_fraction"])), prune_start=0,
-                             prune_end=max(1, round(steps * d["prune_end_fraction"])))
-    if method == "heterolora":
-        from peft_lowrank_ext import HeteroLoraConfig
-
-        d = METHOD_DEFAULTS["heterolora"]
-        steps_per_epoch = max(1, math.ceil(num_train_examples / args.batch_size))
-        return HeteroLoraConfig(**common, seed=args.seed, budget=_opt(args, "heterolora_budget", method),
-                                proxy=_opt(args, "heterolora_proxy", method), mode=_opt(args, "heterolora_mode", method),
-                                proxy_batches=max(1, min(d["proxy_batches"], steps // 4)),
-                                realloc_every=max(1, math.ceil(d["realloc_epoch_fraction"] * steps_per_epoch)))
-    raise ValueError(f"argument --method: invalid choice: {method!r} (choose from {', '.join(METHODS)})")
+        return peft_config(method, **common, final_sparsity=_opt(args, "prilora_final_sparsity", method),
+                           prune_every=max(1, round(steps * d["prune_every_fraction"])), prune_start=0,
+                           prune_end=max(1, round(steps * d["prune_end_fraction"])))
+    d = METHOD_DEFAULTS["heterolora"]
+    steps_per_epoch = max(1, math.ceil(num_train_examples / args.batch_size))
+    return peft_config(method, **common, seed=args.seed, budget=_opt(args, "heterolora_budget", method),
+                       proxy=_opt(args, "heterolora_proxy", method), mode=_opt(args, "heterolora_mode", method),
+                       proxy_batches=max(1, min(d["proxy_batches"], steps // 4)),
+                       realloc_every=max(1, math.ceil(d["realloc_epoch_fraction"] * steps_per_epoch)))
 
 
 def training_config(method: str, args):
-    from peft_lowrank_ext.train.loop import TrainingConfig
+    from peft_lowrank_ext.train.run import TrainingConfig
 
     return TrainingConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                           lr=method_lr(method, args), head_lr=head_lr(args), max_length=args.max_length,
@@ -143,79 +175,111 @@ def training_config(method: str, args):
 Prepare = Callable[[Any, Any], None]  # (peft_model, tokenizer) -> None, before the first step
 
 
-def _train_once(peft_config, data, tcfg, args, output_dir: Path | None, name: str, prepare: Prepare | None = None):
+#: ``train(peft_config, data, name, prepare) -> TrainResult``: one run of a config on a data set
+Train = Callable[[Any, Any, str, "Prepare | None"], Any]
+
+
+def _train_once(config, data, tcfg, args, output_dir: Path | None, name: str, prepare: Prepare | None = None):
     if args.task == "causal-lm":
         from peft_lowrank_ext.train.sft import train_causal_lm
 
-        return train_causal_lm(peft_config, data, tcfg, model=args.model, output_dir=output_dir, method=name,
+        return train_causal_lm(config, data, tcfg, model=args.model, output_dir=output_dir, method=name,
                                prepare=prepare)
-    from peft import get_peft_model
+    return train_wrapped_classifier(config, data, tcfg, model=args.model, output_dir=output_dir, method=name,
+                                    prepare=prepare)
 
-    from peft_lowrank_ext.train.loop import default_target_modules, fit, load_model_and_tokenizer, set_seed
 
-    set_seed(tcfg.seed)
-    net, tokenizer = load_model_and_tokenizer(args.model, data.num_labels)
-    if getattr(peft_config, "target_modules", None) is None:
-        peft_config.target_modules = default_target_modules(net)
-    set_seed(tcfg.seed)  # the same adapter init whatever happened while loading
-    peft_model = get_peft_model(net, peft_config)
+def train_wrapped_classifier(config, data, tcfg, *, model=None, output_dir: Path | None = None, method: str,
+                             prepare: Prepare | None = None):
+    """:func:`~peft_lowrank_ext.train.loop.train_classifier` with a ``prepare(peft_model, tokenizer)``
+    step between wrapping and training."""
+    from peft_lowrank_ext.train.loop import fit
+    from peft_lowrank_ext.train.models import wrap_classifier
+
+    peft_model, tokenizer = wrap_classifier(config, model, data.num_labels, tcfg.seed)
     if prepare is not None:
         prepare(peft_model, tokenizer)
-    return fit(peft_model, tokenizer, data, tcfg, method=name, output_dir=output_dir)
+    return fit(peft_model, tokenizer, data, tcfg, method=method, output_dir=output_dir)
 
 
-def _held_out_batches(args, tokenizer, held_out, batch_size: int) -> list[dict]:
+def held_out_batches(task: str, tokenizer, held_out, batch_size: int, max_length: int) -> list[dict]:
     """AutoLoRA's held-out split as ready batches with labels, for either task."""
-    if args.task == "causal-lm":
-        from peft_lowrank_ext.train.sft import lm_batches
+    from peft_lowrank_ext.train.data import classification_batches, lm_batches
 
-        return lm_batches(tokenizer, list(held_out["text"]), batch_size, args.max_length)
-    from peft_lowrank_ext.train.loop import _collate, _encode
-
-    rows = _encode(tokenizer, held_out, args.max_length)
-    return [_collate(tokenizer, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+    if task == "causal-lm":
+        return lm_batches(tokenizer, list(held_out["text"]), batch_size, max_length)
+    return classification_batches(tokenizer, held_out, batch_size, max_length)
 
 
-def _with_train(data, train):
-    """``data`` with another training split (the same evaluation split)."""
+@dataclass
+class AutoLoraRun:
+    """Both phases of an AutoLoRA run and what the search selected."""
+
+    search: Any  # TrainResult of the search (its peft_model is dropped once the retrain config is read)
+    retrain: Any  # TrainResult of plain LoRA retrained with the selected ranks
+    ranks: dict[str, int]  # autolora_select: {module: rank kept}
+    selected: dict[str, int]  # module_ranks of the search model after selection (for the figures)
+    search_rows: int
+    held_out_rows: int
+
+
+def autolora_search_retrain(search_config, data, train: Train, batches: Callable[[Any, Any], list[dict]], *,
+                            seed: int, retrain_alpha: float | None = None,
+                            names: tuple[str, str] = ("autolora-search", "autolora")) -> AutoLoraRun:
+    """AutoLoRA's pipeline: search on ``1 - held_out_fraction`` of ``data.train`` (β learnt on the rest,
+    ``batches(tokenizer, held_out_split)``), threshold, retrain plain LoRA on all of it.
+
+    ``train(config, data, name, prepare)`` runs one phase (the CLI's loop or SFT, a benchmark's
+    settings); ``retrain_alpha`` is the retrained LoRA's ``lora_alpha`` (default: the search's).
+    """
     import dataclasses
 
-    return dataclasses.replace(data, train=train)
-
-
-def run_autolora_pipeline(args, data, output_dir: Path | None) -> MethodRun:
-    """Search on ``1 - held_out_fraction`` of the training data (β on the rest), threshold, retrain LoRA."""
     from peft_lowrank_ext import AutoLoraSearch, autolora_select, retrain_lora_config
     from peft_lowrank_ext.train.ranks import module_ranks
 
-    search_config = make_peft_config("autolora", args, len(data.train))
     if len(data.train) < 2:
         raise ValueError("autolora: the training data needs at least 2 rows (a search and a held-out part)")
-    split = data.train.train_test_split(test_size=search_config.held_out_fraction, seed=args.seed)
-    tcfg = training_config("autolora", args)
+    split = data.train.train_test_split(test_size=search_config.held_out_fraction, seed=seed)
 
     def attach(peft_model, tokenizer):
-        AutoLoraSearch(_held_out_batches(args, tokenizer, split["test"], args.batch_size)).attach(peft_model)
+        AutoLoraSearch(batches(tokenizer, split["test"])).attach(peft_model)
 
-    search = _train_once(search_config, _with_train(data, split["train"]), tcfg, args,
-                         output_dir / "search" if output_dir else None, "autolora-search", prepare=attach)
+    search = train(search_config, dataclasses.replace(data, train=split["train"]), names[0], attach)
     ranks = autolora_select(search.peft_model)
     selected = module_ranks(search.peft_model)
     if search.adapter_dir:  # saved again in the selected phase: inspect/export then show the kept ranks
         search.peft_model.save_pretrained(search.adapter_dir)
-    retrain_config = retrain_lora_config(search.peft_model)
+    kwargs = {} if retrain_alpha is None else {"lora_alpha": retrain_alpha}
+    retrain_config = retrain_lora_config(search.peft_model, **kwargs)
     del search.peft_model
-    result = _train_once(retrain_config, data, tcfg, args, output_dir, "autolora")
+    retrain = train(retrain_config, data, names[1], None)
+    return AutoLoraRun(search=search, retrain=retrain, ranks=ranks, selected=selected,
+                       search_rows=len(split["train"]), held_out_rows=len(split["test"]))
+
+
+def run_autolora_pipeline(args, data, output_dir: Path | None) -> MethodRun:
+    """The CLI's AutoLoRA: :func:`autolora_search_retrain` with the CLI's settings, either task."""
+    search_config = make_peft_config("autolora", args, len(data.train))
+    tcfg = training_config("autolora", args)
+
+    def train(config, d, name, prepare):
+        out = output_dir if name == "autolora" else (output_dir / "search" if output_dir else None)
+        return _train_once(config, d, tcfg, args, out, name, prepare)
+
+    run = autolora_search_retrain(
+        search_config, data, train, seed=args.seed,
+        batches=lambda tok, held: held_out_batches(args.task, tok, held, args.batch_size, args.max_length))
+    search, result, ranks = run.search, run.retrain, run.ranks
     result.extra["search"] = {
         "hypergradient": search_config.hypergradient, "arch_lr": search_config.arch_lr,
-        "train_rows": len(split["train"]), "held_out_rows": len(split["test"]), "steps": search.steps,
+        "train_rows": run.search_rows, "held_out_rows": run.held_out_rows, "steps": search.steps,
         "train_time_s": search.train_time_s, "time_per_step_s": search.time_per_step_s,
         "median_step_s": search.median_step_s, "accuracy": search.accuracy, "eval_loss": search.eval_loss,
         "peak_rss_bytes": search.peak_rss_bytes, "adapter_dir": search.adapter_dir,
     }
     result.extra["ranks"] = ranks
     result.extra["mean_rank"] = sum(ranks.values()) / len(ranks)
-    return MethodRun(result=result, ranks=selected,
+    return MethodRun(result=result, ranks=run.selected,
                      curves={"autolora (search)": search.loss_curve, "autolora (retrain)": result.loss_curve})
 
 
@@ -244,5 +308,7 @@ def run_method(method: str, args, data, output_dir: Path | None) -> MethodRun:
                      curves={method: result.loss_curve})
 
 
-__all__ = ["DEFAULT_LR", "DEFAULT_R", "METHODS", "METHOD_DEFAULTS", "MethodRun", "TASKS", "make_peft_config",
-           "method_lr", "run_method"]
+__all__ = ["AutoLoraRun", "CONFIG_CLASSES", "DEFAULT_LR", "DEFAULT_R", "HETERO_MODES", "HETERO_PROXIES",
+           "HYPERGRADIENTS", "METHODS", "METHOD_DEFAULTS", "MethodRun", "TASKS", "autolora_search_retrain",
+           "config_class", "held_out_batches", "make_peft_config", "method_lr", "peft_config", "run_method",
+           "train_wrapped_classifier"]

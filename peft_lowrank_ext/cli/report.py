@@ -17,11 +17,13 @@ CAUSAL_LM_COLUMNS = ("method", "eval loss", "perplexity", "trainable params", "a
                      "train time", "time / step", "peak memory")
 
 
-def human_bytes(n: int | None) -> str:
+def human_bytes(n: float | None) -> str:
+    """``1.5 KiB``-style size (``n/a`` for None); negative differences keep their unit."""
     if n is None:
         return "n/a"
+    n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)  # pragma: no cover
@@ -112,7 +114,7 @@ def command_line(argv: Sequence[str] | None) -> str:
 def write_results(output_dir: Path, args, data, results: list[dict[str, Any]], wall_s: float,
                   figures: list[Path], argv: Sequence[str] | None) -> tuple[Path, Path]:
     """``results.json`` (everything) and ``results.md`` (table, settings, machine, date, command)."""
-    from peft_lowrank_ext.train.loop import resolve_model_path
+    from peft_lowrank_ext.train.models import resolve_model_path
 
     settings = {k: v for k, v in vars(args).items() if k not in ("subparser", "config_parser")}
     now = datetime.datetime.now().astimezone()

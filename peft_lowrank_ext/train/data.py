@@ -4,6 +4,9 @@ Everything goes through the Hugging Face ``datasets`` library and works offline.
 datasets always have exactly two columns, ``text`` (str) and ``label`` (int in ``0..K-1``),
 whatever the column names in the source files were.
 
+It also turns rows into model batches (:func:`encode_rows`, :func:`collate`, :func:`row_batches`,
+:func:`classification_batches`, :func:`lm_batches`).
+
 Bad input raises :class:`ValueError` with a message that names the offending argument (in both its
 Python and its command-line spelling) and, where there is a fixed set, the allowed values.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import datasets
 
@@ -74,7 +78,7 @@ def load_table(path: str | Path, arg: str = "train_file") -> datasets.Dataset:
     return dsd["data"]
 
 
-def _normalise(ds: datasets.Dataset, text_column: str, label_column: str, arg: str) -> datasets.Dataset:
+def normalise_columns(ds: datasets.Dataset, text_column: str, label_column: str, arg: str) -> datasets.Dataset:
     """Select/rename the text and label columns, check their contents and cast labels to int."""
     where = f"{_argname(arg)}"
     if len(ds) == 0:
@@ -113,7 +117,8 @@ def _normalise(ds: datasets.Dataset, text_column: str, label_column: str, arg: s
     return ds.add_column(LABEL, labels, feature=datasets.Value("int64"))
 
 
-def _limit(ds: datasets.Dataset, n: int | None, arg: str) -> datasets.Dataset:
+def limit_rows(ds: datasets.Dataset, n: int | None, arg: str) -> datasets.Dataset:
+    """The first ``n`` rows (all for None); ``arg`` names the option in the error for ``n < 1``."""
     if n is None:
         return ds
     if n < 1:
@@ -217,19 +222,19 @@ def load_text_classification(
     """
     train_raw, eval_raw, source = _raw_splits(train_file, eval_file, dataset, subset, split_train, split_eval)
     if train_raw is None:
-        train = _normalise(load_table(TRAIN_CSV, "train_file"), TEXT, LABEL, "train_file")
-        evald = _normalise(load_table(EVAL_CSV, "eval_file"), TEXT, LABEL, "eval_file")
+        train = normalise_columns(load_table(TRAIN_CSV, "train_file"), TEXT, LABEL, "train_file")
+        evald = normalise_columns(load_table(EVAL_CSV, "eval_file"), TEXT, LABEL, "eval_file")
     else:
         train_arg = "dataset" if dataset is not None else "train_file"
         eval_arg = "dataset" if dataset is not None else "eval_file"
-        train = _normalise(train_raw, text_column, label_column, train_arg)
+        train = normalise_columns(train_raw, text_column, label_column, train_arg)
         if eval_raw is not None:
-            evald = _normalise(eval_raw, text_column, label_column, eval_arg)
+            evald = normalise_columns(eval_raw, text_column, label_column, eval_arg)
         else:
             train, evald, source = _hold_out(train, eval_fraction, seed, source)
 
-    train = _limit(train, max_train_samples, "max_train_samples")
-    evald = _limit(evald, max_eval_samples, "max_eval_samples")
+    train = limit_rows(train, max_train_samples, "max_train_samples")
+    evald = limit_rows(evald, max_eval_samples, "max_eval_samples")
 
     train_labels = set(train[LABEL])
     num_labels = max(train_labels) + 1
@@ -296,9 +301,60 @@ def load_text_corpus(
             evald = _texts_only(eval_raw, text_column, "dataset" if dataset is not None else "eval_file")
         else:
             train, evald, source = _hold_out(train, eval_fraction, seed, source)
-    return TextCorpus(train=_limit(train, max_train_samples, "max_train_samples"),
-                      eval=_limit(evald, max_eval_samples, "max_eval_samples"), source=source)
+    return TextCorpus(train=limit_rows(train, max_train_samples, "max_train_samples"),
+                      eval=limit_rows(evald, max_eval_samples, "max_eval_samples"), source=source)
 
 
-__all__ = ["FORMATS", "TextClassificationData", "TextCorpus", "load_hub_dataset", "load_table",
-           "load_text_classification", "load_text_corpus"]
+# ---- tokenising and batching (torch is imported only here, when a run needs it) -----------------------------
+def encode_rows(tokenizer, ds: datasets.Dataset, max_length: int) -> list[dict[str, Any]]:
+    """Tokenised classification rows (``input_ids``, ``attention_mask``[, ``token_type_ids``], ``labels``)."""
+    enc = tokenizer(list(ds[TEXT]), truncation=True, max_length=max_length)
+    labels = list(ds[LABEL])
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": labels[i]} for i in range(len(labels))]
+
+
+def collate(tokenizer, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One padded batch of tensors from rows of :func:`encode_rows`."""
+    import torch
+
+    labels = torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+    feats = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
+    batch = tokenizer.pad(feats, padding=True, return_tensors="pt")
+    batch["labels"] = labels
+    return dict(batch)
+
+
+def row_batches(rows: list, batch_size: int, generator=None) -> Iterator[list]:
+    """``rows`` in chunks of ``batch_size``: in order, or shuffled by ``generator`` (a ``torch.Generator``)."""
+    if generator is not None:
+        import torch
+
+        order = torch.randperm(len(rows), generator=generator).tolist()
+    else:
+        order = list(range(len(rows)))
+    for i in range(0, len(order), batch_size):
+        yield [rows[j] for j in order[i : i + batch_size]]
+
+
+def classification_batches(tokenizer, ds: datasets.Dataset, batch_size: int, max_length: int) -> list[dict[str, Any]]:
+    """Ready classification batches with labels, in order (e.g. AutoLoRA's held-out data)."""
+    rows = encode_rows(tokenizer, ds, max_length)
+    return [collate(tokenizer, chunk) for chunk in row_batches(rows, batch_size)]
+
+
+def lm_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict[str, Any]]:
+    """Ready causal-LM batches (labels = input ids, padding ignored), e.g. AutoLoRA's held-out data."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
+    return out
+
+
+__all__ = ["FORMATS", "TextClassificationData", "TextCorpus", "classification_batches", "collate", "encode_rows",
+           "limit_rows", "lm_batches", "load_hub_dataset", "load_table", "load_text_classification", "load_text_corpus",
+           "normalise_columns", "row_batches"]
