@@ -52,7 +52,6 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import peft_lowrank_ext  # noqa: E402,F401 - registers HeteroLoRA
 from peft_lowrank_ext import HeteroLoraConfig, heterolora_allocation, heterolora_score  # noqa: E402
-from peft_lowrank_ext.tuners.heterolora.allocation import adapted_root, candidates  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense"]
 R, BUDGET = 8, 0.25
@@ -101,8 +100,12 @@ def _adapter_params(model) -> int:
 def _active_adapter_params(model) -> int:
     report = heterolora_allocation(model)
     on = {n for n, v in report["modules"].items() if v["on"]}
-    root = adapted_root(model)
-    return sum(c.a.numel() + c.b.numel() for c in candidates(root, "default") if c.name in on)
+    total = 0
+    for name, p in model.named_parameters():  # base_model.model.<candidate>.hetlr_{A,B}.default
+        module, sep, _ = name.partition(".hetlr_")
+        if sep and module.removeprefix("base_model.model.") in on:
+            total += p.numel()
+    return total
 
 
 # ----- 1 + 2: scoring cost and step time --------------------------------------------------------------

@@ -124,8 +124,7 @@ def own_overhead(model, batch: int, seq: int, repeats: int = 20) -> dict:
         return time.perf_counter() - t0
 
     def post(prune: bool):
-        for layer in layers:
-            layer._store("config")["default"].prune_every = 1 if prune else 10**9
+        model.peft_config["default"].prune_every = 1 if prune else 10**9  # the layers hold this very config
         observe()
         t0 = time.perf_counter()
         prilora_post_step(root)
@@ -142,21 +141,17 @@ def own_overhead(model, batch: int, seq: int, repeats: int = 20) -> dict:
 
 # ----- 2. memory ----------------------------------------------------------------------------------
 def memory(model) -> dict:
-    stats = masks = weights = pending = 0
-    for module in model.modules():
-        if isinstance(module, PriLoraLayer):
-            for adapter in module._store("A"):
-                for kind in ("in_sq_ema", "step"):
-                    t = module._store(kind)[adapter]
-                    stats += t.numel() * t.element_size()
-                pending += module.in_features * 4  # transient fp32 Σx² between forward and optimizer step
-                m = module._store("element_mask")[adapter]
-                masks += m.numel() * m.element_size()
-                for kind in ("A", "B"):
-                    t = module._store(kind)[adapter]
-                    weights += t.numel() * t.element_size()
-    return {"statistics_bytes": stats, "pending_statistics_bytes": pending, "mask_bytes": masks,
-            "adapter_weight_bytes": weights}
+    """Bytes of PRILoRA's own state, read from the adapter's saved tensors by name."""
+    sizes = {"statistics_bytes": 0, "mask_bytes": 0, "adapter_weight_bytes": 0}
+    kinds = {"prilr_in_sq_ema": "statistics_bytes", "prilr_step": "statistics_bytes",
+             "prilr_element_mask": "mask_bytes", "prilr_A": "adapter_weight_bytes", "prilr_B": "adapter_weight_bytes"}
+    for name, t in model.state_dict().items():
+        kind = next((v for k, v in kinds.items() if f".{k}." in name), None)
+        if kind is not None:
+            sizes[kind] += t.numel() * t.element_size()
+    # transient fp32 Σx² between a forward pass and the optimizer step, one per adapted layer input
+    sizes["pending_statistics_bytes"] = sum(4 * m.in_features for m in model.modules() if isinstance(m, PriLoraLayer))
+    return sizes
 
 
 # ----- 3. accuracy --------------------------------------------------------------------------------
