@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -17,6 +20,7 @@ from peft_lowrank_ext import (
     retrain_lora_config,
     run_autolora,
 )
+from peft_lowrank_ext.cli.adapter_info import describe_adapter
 from peft_lowrank_ext.tuners.autolora.layer import AutoLoraLayer
 from methods import lm_batches
 from models import TINY_MODELS
@@ -52,6 +56,7 @@ def betas(model):
         (dict(arch_beta1=1.0), "arch_beta1"),
         (dict(fd_epsilon=0.0), "fd_epsilon"),
         (dict(phase="retrain"), "phase"),
+        (dict(selection_rule="mean"), "selection_rule"),
         (dict(lora_dropout=-0.1), "lora_dropout"),
     ],
 )
@@ -248,3 +253,140 @@ def test_run_autolora_one_call(tmp_path):
     got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in lora_model.named_modules()
            if hasattr(m, "lora_A") and "default" in m.lora_A}
     assert got == ranks
+
+
+# --- selection rules: softmax(β) (lora_glue.py) or β / Σβ on raw β initialised to ones (run_glue_search.py) ---
+
+def test_selection_rule_is_checked_naming_field_value_and_choices():
+    with pytest.raises(ValueError) as error:
+        AutoLoraConfig(selection_rule="mean")
+    message = str(error.value)
+    assert "selection_rule='mean'" in message and "'softmax', 'normalized'" in message
+    assert AutoLoraConfig().selection_rule == "softmax"
+
+
+def test_selection_rule_is_saved_and_old_configs_load_with_the_default(tmp_path):
+    AutoLoraConfig(selection_rule="normalized").save_pretrained(tmp_path / "new")
+    assert AutoLoraConfig.from_pretrained(tmp_path / "new").selection_rule == "normalized"
+    AutoLoraConfig().save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    del saved["selection_rule"]  # written before the field existed
+    path.write_text(json.dumps(saved))
+    assert AutoLoraConfig.from_pretrained(tmp_path / "old").selection_rule == "softmax"
+
+
+def _hand_kept(scores, threshold):
+    kept = [1.0 if s >= threshold else 0.0 for s in scores]
+    if not any(kept):
+        kept[max(range(len(scores)), key=scores.__getitem__)] = 1.0
+    return kept
+
+
+@pytest.mark.parametrize(
+    "beta, softmax_rank, normalized_rank",
+    [
+        ([2.0, 1.0, 0.5, 0.5], 1, 2),  # the rules disagree: mean β = 1 keeps two, softmax(β) ≥ 1/4 only one
+        ([3.0, 0.5, 0.25, 0.25], 1, 1),
+        ([1.0, 1.0, 1.0, 1.0], 4, 4),  # as initialised: both keep everything
+        ([1.5, 1.2, 0.9, 0.4], 2, 2),
+    ],
+)
+def test_both_rules_match_a_hand_computation(beta, softmax_rank, normalized_rank):
+    r = len(beta)
+    exps = [math.exp(b) for b in beta]
+    by_softmax = _hand_kept([e / sum(exps) for e in exps], 1.0 / r)
+    by_normalized = _hand_kept([b / sum(beta) for b in beta], 1.0 / r)
+    assert (sum(by_softmax), sum(by_normalized)) == (softmax_rank, normalized_rank)
+    for rule, want in (("softmax", by_softmax), ("normalized", by_normalized)):
+        model = make(selection_rule=rule)
+        for _, module in layers(model):
+            module._store("beta")["default"].copy_(torch.tensor(beta))
+            assert module.kept_components("default", 1.0 / r).tolist() == want
+        assert set(autolora_ranks(model).values()) == {int(sum(want))}
+        assert set(autolora_select(model).values()) == {int(sum(want))}
+        assert all(m._store("rank_mask")["default"].tolist() == want for _, m in layers(model))
+
+
+def test_threshold_override_applies_to_the_normalized_rule():
+    model = make(selection_rule="normalized")
+    for _, module in layers(model):
+        module._store("beta")["default"].copy_(torch.tensor([2.0, 1.0, 0.5, 0.5]))  # β/Σβ = .5, .25, .125, .125
+    assert set(autolora_ranks(model, threshold=0.1).values()) == {4}
+    assert set(autolora_ranks(model, threshold=0.3).values()) == {1}
+
+
+def test_normalized_rule_refuses_nonpositive_beta_sum_naming_the_module():
+    model = make(selection_rule="normalized")
+    name, first = layers(model)[0]
+    first._store("beta")["default"].copy_(torch.tensor([-1.0, 0.5, 0.25, 0.0]))  # Σβ = -0.25
+    short = name.removeprefix("base_model.model.")
+    with pytest.raises(ValueError, match=f"{short}.*Σβ > 0"):
+        autolora_ranks(model)
+    with pytest.raises(ValueError, match=short):
+        autolora_select(model)
+    # nothing was half-selected
+    assert model.peft_config["default"].phase == "search"
+    assert all(m._store("rank_mask")["default"].sum() == 4 for _, m in layers(model))
+
+
+def test_saved_adapter_reports_the_ranks_of_its_rule(tmp_path):
+    model = make(selection_rule="normalized")
+    for _, module in layers(model):
+        module._store("beta")["default"].copy_(torch.tensor([2.0, 1.0, 0.5, 0.5]))
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(LLAMA.build(), tmp_path)
+    assert reloaded.peft_config["default"].selection_rule == "normalized"
+    assert autolora_ranks(reloaded) == autolora_ranks(model)
+    assert set(autolora_ranks(model).values()) == {2}
+    info = describe_adapter(tmp_path)
+    assert {n: f["rank"] for n, f in info.modules.items()} == autolora_ranks(model)
+
+
+def test_ones_initialisation_changes_neither_outputs_nor_beta_gradient_nor_adam_step():
+    # Two identical models (not a deepcopy: a copied model's search step hook still reaches the original's β).
+    torch.manual_seed(0)
+    ones = make(arch_lr=1e-2)
+    assert all(torch.equal(m._store("beta")["default"], torch.ones(4)) for _, m in layers(ones))
+    torch.manual_seed(0)
+    zeros = make(arch_lr=1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(ones.state_dict().values(), zeros.state_dict().values()))
+    for _, module in layers(zeros):
+        module._store("beta")["default"].zero_()
+    inputs = LLAMA.inputs()
+
+    def output_and_beta_grad(model):
+        named = layers(model)
+        leaves = [m._store("beta")["default"].clone().requires_grad_(True) for _, m in named]
+        originals = [m._store("beta")["default"] for _, m in named]
+        for (_, m), leaf in zip(named, leaves):
+            m._store("beta")["default"] = leaf
+        gates = [m.soft_gate("default").detach() for _, m in named]
+        out = model(**inputs, labels=inputs["input_ids"])
+        grads = torch.autograd.grad(out.loss, leaves)
+        for (_, m), orig in zip(named, originals):
+            m._store("beta")["default"] = orig
+        return gates, out.logits.detach(), grads
+
+    model_outputs = [output_and_beta_grad(m) for m in (ones, zeros)]
+    (gates_1, logits_1, grads_1), (gates_0, logits_0, grads_0) = model_outputs
+    for a, b in zip(gates_1, gates_0):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, torch.full((4,), 0.25))
+    torch.testing.assert_close(logits_1, logits_0, atol=0, rtol=0)
+    for a, b in zip(grads_1, grads_0):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+    # One bi-level (first-order) step each: Adam moves β by the same amount from either start.
+    moves = []
+    for model in (ones, zeros):
+        start = betas(model)
+        AutoLoraSearch(lm_batches(1)).attach(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        moves.append({n: b - start[n] for n, b in betas(model).items()})
+    for n in moves[0]:
+        assert moves[0][n].abs().max() > 0
+        torch.testing.assert_close(moves[0][n], moves[1][n], atol=1e-6, rtol=1e-5)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from ..tuners.autolora.layer import kept_mask
 from ..tuners.heterolora.shortcuts import SHORTCUT_ATTR
 
 CONFIG_NAME = "adapter_config.json"
@@ -165,7 +166,7 @@ def _gated_module_facts(method: str, prefix: str, module: str, config: dict, buf
     rank = int(torch.count_nonzero(rank_mask)) if on else 0
     facts = {"rank": rank, "max_rank": int(rank_mask.numel()), "on": on}
     if method == "autolora" and config.get("phase", "search") == "search" and rank:
-        rank = _autolora_kept(buffers[key + "beta"].float(), config, int(rank_mask.numel()))
+        rank = _autolora_kept(buffers[key + "beta"].float(), config, int(rank_mask.numel()), module)
         facts["rank"] = rank
         facts["active_ranks"] = int(torch.count_nonzero(rank_mask))
     if key + "element_mask" in buffers:
@@ -176,10 +177,11 @@ def _gated_module_facts(method: str, prefix: str, module: str, config: dict, buf
     return facts
 
 
-def _autolora_kept(beta: torch.Tensor, config: dict, r: int) -> int:
-    """What ``autolora_select`` would keep: ``#{j : softmax(β)_j ≥ threshold}``, at least 1."""
+def _autolora_kept(beta: torch.Tensor, config: dict, r: int, module: str) -> int:
+    """What ``autolora_select`` would keep: ``#{j : score_j ≥ threshold}`` by the config's selection rule, at least 1."""
     threshold = config.get("threshold") or 1.0 / r
-    return max(1, int((torch.softmax(beta, dim=0) >= threshold).sum()))
+    rule = config.get("selection_rule", "softmax")
+    return int(kept_mask(beta, threshold, rule, f"module {module!r}").sum())
 
 
 def _module_facts(method: str, prefix: str, config: dict, per_module: dict[str, dict[str, tuple]], buffers) -> dict:

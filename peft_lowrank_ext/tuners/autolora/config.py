@@ -12,6 +12,7 @@ from .._base.config import LowRankPeftConfig
 
 HYPERGRADIENTS = ("second_order", "first_order")
 PHASES = ("search", "selected")
+SELECTION_RULES = ("softmax", "normalized")
 
 
 @dataclass
@@ -28,7 +29,12 @@ class AutoLoraConfig(LowRankPeftConfig):
     lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator: s = lora_alpha / r (fixed)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     threshold: Optional[float] = field(
-        default=None, metadata={"help": "Keep component j if α_j ≥ threshold, in (0, 1]; None means 1/r."}
+        default=None, metadata={"help": "Keep component j if its score ≥ threshold, in (0, 1]; None means 1/r."}
+    )
+    selection_rule: str = field(
+        default="softmax",
+        metadata={"help": "Score thresholded at selection: 'softmax' (softmax(β)_j, the authors' lora_glue.py) or "
+                          "'normalized' (β_j / Σβ on raw β initialised to ones, the authors' run_glue_search.py)."},
     )
     hypergradient: str = field(
         default="second_order",
@@ -55,6 +61,7 @@ class AutoLoraConfig(LowRankPeftConfig):
         check_int(owner, "r", self.r, minimum=1, cap=MAX_CONFIG_RANK)
         if self.threshold is not None:
             check_real(owner, "threshold", self.threshold, low=0.0, high=1.0, low_open=True)
+        check_choice(owner, "selection_rule", self.selection_rule, SELECTION_RULES)
         check_choice(owner, "hypergradient", self.hypergradient, HYPERGRADIENTS)
         check_real(owner, "arch_lr", self.arch_lr, low=0.0, low_open=True)
         check_real(owner, "arch_beta1", self.arch_beta1, low=0.0, high=1.0, high_open=True)

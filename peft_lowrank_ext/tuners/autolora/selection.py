@@ -17,14 +17,15 @@ def _layers(model: nn.Module, adapter_name: str | None):
 
 
 def autolora_ranks(model: nn.Module, adapter_name: str | None = None, threshold: float | None = None) -> dict[str, int]:
-    """Per-module ranks: #{j : α_j ≥ threshold} (default the config's, i.e. 1/r), at least 1."""
+    """Per-module ranks: #{j : score_j ≥ threshold} (default the config's, i.e. 1/r), at least 1; the score is
+    softmax(β)_j or β_j / Σβ by the config's ``selection_rule``."""
     ranks = {}
     for name, module, adapter in _layers(model, adapter_name):
         config = module._store("config")[adapter]
         if config.phase == "selected" and threshold is None:
             ranks[name] = int(module._store("rank_mask")[adapter].sum())
         else:
-            ranks[name] = int(module.kept_components(adapter, threshold or config.effective_threshold).sum())
+            ranks[name] = int(module.kept_components(adapter, threshold or config.effective_threshold, name).sum())
     return ranks
 
 
@@ -32,13 +33,16 @@ def autolora_select(model: nn.Module, adapter_name: str | None = None, threshold
     """End the search: mask the dropped components (gate = α ⊙ kept), freeze β; return the ranks."""
     if threshold is not None and not (0 < threshold <= 1):
         raise ValueError(f"threshold={threshold!r} is not allowed; it must be in (0, 1]")
-    ranks = {}
+    ranks, masks = {}, []
     for name, module, adapter in _layers(model, adapter_name):
         config = module._store("config")[adapter]
-        keep = module.kept_components(adapter, threshold or config.effective_threshold)
+        keep = module.kept_components(adapter, threshold or config.effective_threshold, name)
+        masks.append((module, adapter, keep))
+        ranks[name] = int(keep.sum())
+    for module, adapter, keep in masks:  # only once every module could be thresholded (normalized: Σβ > 0)
+        config = module._store("config")[adapter]
         module._store("rank_mask")[adapter].copy_(keep)
         config.phase = "selected"
-        ranks[name] = int(keep.sum())
     return ranks
 
 
