@@ -176,6 +176,7 @@ def scoring_cost(base, batches, proxy_batches: int, step_s: float, batch: int, t
             "explicit_batches_timed": measured,
             "explicit_total_s": explicit,
             "explicit_in_training_steps": explicit / step_s,
+            "all_zero_scores": report["history"][0]["all_zero"],  # then the seeded tie-break (the default)
             "fallback_used": report["history"][0]["fallback"],
         }
         for key, steps in steps_epoch.items():

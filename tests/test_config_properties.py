@@ -162,6 +162,7 @@ def autolora_valid(draw) -> dict:
     kw["lora_dropout"] = draw(st.floats(0.0, 0.99))
     kw["threshold"] = draw(st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True)))
     kw["hypergradient"] = draw(st.sampled_from(["second_order", "first_order"]))
+    kw["selection_rule"] = draw(st.sampled_from(["softmax", "normalized"]))
     kw["arch_lr"] = draw(positive())
     kw["arch_beta1"] = draw(st.floats(0.0, 1.0, exclude_max=True))
     kw["arch_beta2"] = draw(st.floats(0.0, 1.0, exclude_max=True))
@@ -179,6 +180,7 @@ AUTOLORA_INVALID = {
     "lora_dropout": bad_reals([-0.1], [1.0]),
     "threshold": bad_reals([0.0, -0.1], [1.5], optional=True),
     "hypergradient": bad_choices(["second_order", "first_order"]),
+    "selection_rule": bad_choices(["softmax", "normalized"]),
     "arch_lr": bad_reals([0.0, -1e-3]),
     "arch_beta1": bad_reals([-0.1], [1.0]),
     "arch_beta2": bad_reals([-0.1], [1.0]),
@@ -248,6 +250,7 @@ def heterolora_valid(draw) -> dict:
     kw["realloc_every"] = draw(st.integers(1, 2**62))
     kw["ranking"] = draw(st.sampled_from(["combined", "separated"]))
     kw["alpha_test_tolerance"] = draw(positive())
+    kw["zero_score_fallback"] = draw(st.sampled_from(["tie_break", "grad_norm"]))
     kw["seed"] = draw(st.integers(0, 2**62))
     kw["history_size"] = draw(st.integers(1, 100))
     return kw
@@ -267,6 +270,7 @@ HETEROLORA_INVALID = {
     "realloc_every": bad_ints(1),
     "ranking": bad_choices(["combined", "separated"]),
     "alpha_test_tolerance": bad_reals([0.0]),
+    "zero_score_fallback": bad_choices(["tie_break", "grad_norm"]),
     "seed": bad_ints(0),
     "history_size": bad_ints(1),
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -59,6 +60,7 @@ def on_names(model):
     ({"mode": "online"}, "mode"), ({"realloc_every": 0}, "realloc_every"), ({"ranking": "joint"}, "ranking"),
     ({"alpha_test_tolerance": 0.0}, "alpha_test_tolerance"), ({"seed": -1}, "seed"),
     ({"history_size": 0}, "history_size"), ({"bias": "lora"}, "bias"),
+    ({"zero_score_fallback": "random"}, "zero_score_fallback"), ({"zero_score_fallback": None}, "zero_score_fallback"),
 ])
 def test_bad_config_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"HeteroLoraConfig\.{field}="):
@@ -72,6 +74,24 @@ def test_config_defaults_and_allowed_values_in_message():
     with pytest.raises(ValueError, match="'constant', 'grad_norm', 'snip', 'synflow', 'alpha_test'"):
         HeteroLoraConfig(proxy="x")
     assert HeteroLoraConfig(shortcuts=["shortcut_ffn", "residual_1"]).shortcuts == ["residual_1", "shortcut_ffn"]
+    assert c.zero_score_fallback == "tie_break"
+    with pytest.raises(ValueError, match=r"HeteroLoraConfig\.zero_score_fallback='x'.*'tie_break', 'grad_norm'"):
+        HeteroLoraConfig(zero_score_fallback="x")
+
+
+def test_old_saved_config_without_zero_score_fallback_loads_with_the_default(tmp_path):
+    import json
+
+    from peft import PeftConfig
+
+    HeteroLoraConfig(proxy="snip", zero_score_fallback="grad_norm").save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["zero_score_fallback"] == "grad_norm"
+    del saved["zero_score_fallback"]
+    path.write_text(json.dumps(saved))
+    loaded = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(loaded, HeteroLoraConfig) and loaded.zero_score_fallback == "tie_break"
 
 
 @pytest.mark.parametrize("budget, n, k", [(0.25, 6, 2), (0.25, 12, 3), (0.25, 48, 12), (0.5, 5, 3), (0.01, 10, 1),
@@ -219,11 +239,11 @@ def test_constant_proxy_is_seeded_random_and_allocates_at_wrap():
 
 
 @pytest.mark.parametrize("proxy", ["snip", "synflow", "alpha_test"])
-def test_zero_scores_at_b_zero_fall_back_to_gradient_norm(proxy):
-    model = tiny(proxy, init_weights=True)  # B = 0: these proxies are exactly zero
-    with pytest.warns(UserWarning, match="exactly zero"):
+def test_zero_scores_at_b_zero_fall_back_to_gradient_norm_when_asked(proxy):
+    model = tiny(proxy, init_weights=True, zero_score_fallback="grad_norm")  # B = 0: these proxies are exactly zero
+    with pytest.warns(UserWarning, match="exactly zero.*gradient norm"):
         report = heterolora_score(model, tiny_batches())
-    assert report["history"][0]["fallback"] is True
+    assert report["history"][0]["fallback"] is True and report["history"][0]["all_zero"] is True
     p = hand_params(model)
     expected = torch.zeros(2)
     for batch in tiny_batches():
@@ -231,6 +251,56 @@ def test_zero_scores_at_b_zero_fall_back_to_gradient_norm(proxy):
         assert ga1.abs().sum() == 0 and ga2.abs().sum() == 0  # ∇A = s Bᵀ(…) = 0 at B = 0
         expected += torch.stack([gb1.norm(), gb2.norm()])
     torch.testing.assert_close(torch.tensor(scores_of(model)), expected / 2, rtol=1e-5, atol=1e-7)
+
+
+def _b_zero_allocation(proxy, seed, **kw):
+    model = tiny(proxy, init_weights=True, seed=seed, **kw)
+    if proxy == "constant":  # allocated at wrap time: the seeded tie-break of allocation 0 on all-zero scores
+        return heterolora_allocation(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return heterolora_score(model, tiny_batches())
+
+
+def _on(report):
+    return tuple(sorted(report["history"][-1]["on"]))
+
+
+@pytest.mark.parametrize("proxy", ["snip", "synflow", "alpha_test"])
+def test_zero_scores_at_b_zero_default_is_the_seeded_tie_break(proxy):
+    """The authors' behaviour: all-zero scores leave the allocation to the random tie-break (not grad_norm)."""
+    differs = False
+    for seed in range(4):
+        with pytest.warns(UserWarning, match="exactly zero.*tie-break"):
+            report = heterolora_score(tiny(proxy, init_weights=True, seed=seed), tiny_batches())
+        entry = report["history"][0]
+        assert entry["all_zero"] is True and entry["fallback"] is False
+        assert all(v == 0 for v in entry["scores"].values()) and report["switched_on"] == 1
+        tie_break = _on(_b_zero_allocation("constant", seed))
+        assert _on(report) == tie_break  # exactly the seeded tie-break the package uses for ties
+        assert _on(_b_zero_allocation(proxy, seed)) == tie_break  # deterministic for a given seed
+        differs |= tie_break != _on(_b_zero_allocation("grad_norm", seed))
+    assert differs  # some seed's tie-break is not grad_norm's choice, so the two are told apart
+
+
+def test_snip_at_b_zero_tie_break_differs_from_grad_norm_and_is_stable():
+    seed = next(s for s in range(16)
+                if _on(_b_zero_allocation("constant", s)) != _on(_b_zero_allocation("grad_norm", s)))
+    first = _b_zero_allocation("snip", seed)
+    assert _on(first) == _on(_b_zero_allocation("constant", seed)) != _on(_b_zero_allocation("grad_norm", seed))
+    again = _b_zero_allocation("snip", seed)
+    assert again == first  # identical report (allocation, scores, history) across calls
+    model = tiny("snip", init_weights=True, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        heterolora_score(model, tiny_batches())
+    assert heterolora_allocation(model) == heterolora_allocation(model) == first
+    # grad_norm asked for: the allocation is grad_norm's, with its scores, and marked as the fallback
+    fallback = _b_zero_allocation("snip", seed, zero_score_fallback="grad_norm")
+    grad_norm = _b_zero_allocation("grad_norm", seed)
+    assert _on(fallback) == _on(grad_norm) and fallback["history"][0]["fallback"] is True
+    assert fallback["history"][0]["scores"] == grad_norm["history"][0]["scores"]
+    assert grad_norm["history"][0]["fallback"] is False and grad_norm["history"][0]["all_zero"] is False
 
 
 # ----- allocation in a plain loop ---------------------------------------------------------------------
@@ -428,11 +498,12 @@ def test_trl_sft_trainer_dynamic(tmp_path):
     args = _args(SFTConfig, tmp_path, 5, save_strategy="no", max_length=16)
     trainer = SFTTrainer(model=LLAMA.build(), args=args, train_dataset=text_dataset(24),
                          processing_class=make_tokenizer(), peft_config=config)
-    with pytest.warns(UserWarning, match="exactly zero"):  # B = 0 at the first allocation: SNIP falls back
+    with pytest.warns(UserWarning, match="exactly zero"):  # B = 0 at the first allocation: SNIP ties everywhere
         trainer.train()
     report = heterolora_allocation(trainer.model)
     assert [h["step"] for h in report["history"]] == [1, 3, 5] and report["switched_on"] == 2
-    assert [h["fallback"] for h in report["history"]] == [True, False, False]
+    assert [h["all_zero"] for h in report["history"]] == [True, False, False]
+    assert not any(h["fallback"] for h in report["history"])  # the seeded tie-break, as in the authors' code
 
 
 def test_ddp_without_unused_parameter_errors():

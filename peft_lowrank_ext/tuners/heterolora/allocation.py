@@ -36,7 +36,8 @@ from torch import nn
 from .._base.tuner import adapted_root
 from ...runtime.distributed import fsdp_kind, replica_reduce
 from .config import budget_count
-from .layer import FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer, finite_score
+from .layer import (FLAG_ALL_ZERO, FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer,
+                    finite_score)
 from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
@@ -146,18 +147,26 @@ def allocate(cands: list[Candidate], step: int) -> list[bool]:
     main = torch.stack([c.layer._store("proxy_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
     fallback = torch.stack([c.layer._store("gradnorm_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
     main, fallback = replica_reduce([main, fallback])  # every replica allocates from the same mean scores
-    use_fallback = (config.proxy in ("snip", "synflow", "alpha_test") and needs_scoring(cands, config)
-                    and bool((main == 0).all()) and bool((fallback != 0).any()))
+    all_zero = (config.proxy in ("snip", "synflow", "alpha_test") and needs_scoring(cands, config)
+                and bool((main == 0).all()))
+    use_fallback = all_zero and config.zero_score_fallback == "grad_norm" and bool((fallback != 0).any())
     if use_fallback:
         warnings.warn(
             f"HeteroLoRA: every {config.proxy} score is exactly zero (B = 0 at initialisation gives zero SNIP/"
-            "SynFlow/alpha-test scores); this allocation uses the gradient norm ‖∇A‖+‖∇B‖ instead (recorded as "
-            "fallback).",
+            "SynFlow/alpha-test scores); this allocation uses the gradient norm ‖∇A‖+‖∇B‖ instead "
+            "(zero_score_fallback='grad_norm'; recorded as fallback).",
+            stacklevel=2,
+        )
+    elif all_zero:
+        warnings.warn(
+            f"HeteroLoRA: every {config.proxy} score is exactly zero (B = 0 at initialisation gives zero SNIP/"
+            "SynFlow/alpha-test scores); this allocation is the seeded random tie-break, as in the authors' code "
+            "(recorded as all_zero; zero_score_fallback='grad_norm' ranks by the gradient norm instead).",
             stacklevel=2,
         )
     scores = finite_score(fallback if use_fallback else main).cpu().tolist()
     on = choose(scores, cands, config, n_alloc)
-    flags_extra = FLAG_FALLBACK if use_fallback else 0
+    flags_extra = (FLAG_FALLBACK if use_fallback else 0) | (FLAG_ALL_ZERO if all_zero else 0)
     for c, score, flag in zip(cands, scores, on):
         layer, a = c.layer, c.adapter
         layer.set_on(a, flag)
@@ -228,13 +237,14 @@ def pre_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
                 # First window: every candidate was on in this step's forward, so its gradients are the proxy's.
                 grads = [(c.a.grad, c.b.grad) for c in cands]
                 batch = _last_batch(root) if config.proxy in ("synflow", "alpha_test") else None
-                main, fallback = score_batch(root, batch, cands, config.proxy, config.alpha_test_tolerance, grads)
+                main, fallback = score_batch(root, batch, cands, config.proxy, config.alpha_test_tolerance, grads,
+                                             config.zero_score_fallback)
                 for c in cands:  # scoring only: no adapter weight moves in this window
                     c.a.grad = None
                     c.b.grad = None
             else:
                 main, fallback = score_batch(root, _last_batch(root), cands, config.proxy,
-                                             config.alpha_test_tolerance)
+                                             config.alpha_test_tolerance, None, config.zero_score_fallback)
             accumulate(cands, main, fallback)
             state[N_SCORED] += 1
             write_state(cands, state)
@@ -293,7 +303,8 @@ def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional
         c.layer._store("gradnorm_sum")[c.adapter].zero_()
     scored = 0
     for batch in itertools.islice(iter(batches), config.proxy_batches):
-        main, fallback = score_batch(root, _as_batch(batch, device), cands, config.proxy, config.alpha_test_tolerance)
+        main, fallback = score_batch(root, _as_batch(batch, device), cands, config.proxy, config.alpha_test_tolerance,
+                                     None, config.zero_score_fallback)
         accumulate(cands, main, fallback)
         scored += 1
     if scored == 0:
@@ -311,7 +322,9 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
     used; NaN before the first — nothing non-finite is saved: "no score yet" is ``allocations == 0``).
     ``history`` lists the last ``history_size`` allocations, oldest
     first, each with the optimizer ``step`` count it was made after, the modules switched ``on``,
-    all ``scores`` and whether the gradient-norm ``fallback`` was used.
+    all ``scores``, whether the proxy's scores were ``all_zero`` (then, by default, the allocation is
+    the seeded tie-break) and whether the gradient-norm ``fallback`` was used instead
+    (``zero_score_fallback="grad_norm"``).
     """
     _, adapter, cands = _model_candidates(model, adapter_name)
     config = _config(cands)
@@ -331,6 +344,7 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
             "step": int(cands[0].layer._store("hist_step")[adapter][slot]),
             "on": [name for name, f in flags.items() if f & FLAG_ON],
             "scores": {c.name: float(c.layer._store("hist_proxy")[c.adapter][slot]) for c in cands},
+            "all_zero": any(f & FLAG_ALL_ZERO for f in flags.values()),
             "fallback": any(f & FLAG_FALLBACK for f in flags.values()),
         })
     return {

@@ -15,6 +15,7 @@ SHORTCUT_KINDS = ("residual_1", "residual_2", "shortcut_sa", "shortcut_ffn")
 PROXIES = ("constant", "grad_norm", "snip", "synflow", "alpha_test")
 MODES = ("static", "dynamic")
 RANKINGS = ("combined", "separated")
+ZERO_SCORE_FALLBACKS = ("tie_break", "grad_norm")
 MAX_HISTORY = 2**16  # three int64/fp32 buffers of this length per candidate module
 
 
@@ -42,8 +43,10 @@ class HeteroLoraConfig(LowRankPeftConfig):
     batches, each scored by one extra forward/backward pass.
 
     The default proxy ``grad_norm`` is our choice: at the usual initialisation ``B = 0`` SNIP,
-    SynFlow and the alpha test are exactly zero for every candidate, and such an allocation falls
-    back to the gradient norm (recorded in the history; see ``heterolora/proxies.py``).
+    SynFlow and the alpha test are exactly zero for every candidate. Such an allocation is then the
+    seeded random tie-break, as in the authors' code (``zero_score_fallback="tie_break"``, the
+    default), or, opt-in, uses the gradient norm instead (``zero_score_fallback="grad_norm"``); the
+    history records either case (``all_zero`` / ``fallback``; see ``heterolora/proxies.py``).
     """
 
     r: int = field(default=8, metadata={"help": "Rank of every LoRA module candidate."})
@@ -84,6 +87,13 @@ class HeteroLoraConfig(LowRankPeftConfig):
         default=0.01,
         metadata={"help": "alpha_test: relative loss increase allowed when scaling a module's output down, > 0."},
     )
+    zero_score_fallback: str = field(
+        default="tie_break",
+        metadata={"help": "When every snip/synflow/alpha_test score of an allocation is exactly zero (B = 0 at "
+                          "initialisation): 'tie_break' (the seeded random tie-break, as in the authors' code) or "
+                          "'grad_norm' (rank by the gradient norm instead; warns and marks 'fallback' in the "
+                          "history)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the random tie-break (and of the 'constant' proxy)."})
     history_size: int = field(
         default=64, metadata={"help": "Allocations kept in the saved history (a ring buffer), >= 1."}
@@ -105,6 +115,7 @@ class HeteroLoraConfig(LowRankPeftConfig):
         check_int(owner, "realloc_every", self.realloc_every, minimum=1)
         check_choice(owner, "ranking", self.ranking, RANKINGS)
         check_real(owner, "alpha_test_tolerance", self.alpha_test_tolerance, low=0.0, low_open=True)
+        check_choice(owner, "zero_score_fallback", self.zero_score_fallback, ZERO_SCORE_FALLBACKS)
         check_int(owner, "seed", self.seed, minimum=0)
         check_int(owner, "history_size", self.history_size, minimum=1, cap=MAX_HISTORY)
 

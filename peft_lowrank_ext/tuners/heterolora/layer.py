@@ -23,7 +23,7 @@ checkpoint, so ``resume_from_checkpoint`` reproduces the allocation and its hist
 * ``proxy_last``: the score the latest allocation used (0 before the first: whether there is a score
   is ``state[N_ALLOC] > 0``, so no NaN sentinel is stored);
 * ``hist_step`` / ``hist_proxy`` / ``hist_flags``: ring buffer of the last ``history_size``
-  allocations (flags: bit 0 on, bit 1 gradient-norm fallback used).
+  allocations (flags: bit 0 on, bit 1 gradient-norm fallback used, bit 2 the proxy's scores were all zero).
 
 Every saved value is finite (checkpoint scanners and PEFT's state-dict comparisons rely on it): scores
 are stored through :func:`finite_score`, and a checkpoint of an older version whose ``proxy_last`` held
@@ -47,7 +47,7 @@ from ..gated.layer import GatedLinear, GatedLoraLayer
 
 STATE_LEN = 4
 STEP, N_ALLOC, N_SCORED, NEXT_ALLOC = range(STATE_LEN)
-FLAG_ON, FLAG_FALLBACK = 1, 2
+FLAG_ON, FLAG_FALLBACK, FLAG_ALL_ZERO = 1, 2, 4
 # Buffers holding proxy scores; they are kept finite (see finite_score).
 SCORE_KINDS = ("proxy_sum", "gradnorm_sum", "proxy_last", "hist_proxy")
 

@@ -21,8 +21,10 @@ every candidate**: ``∇A = s Bᵀ(…) = 0`` and ``B = 0`` make both SNIP terms
 SynFlow), and a module whose output is zero cannot change the loss when scaled. They only carry
 information once the modules have trained. So every scoring pass also records ``grad_norm``
 (which at B = 0 is ``‖∇B‖``, the gradient of B's contribution, and is informative from the
-start) whenever loss gradients are at hand; an allocation whose proxy scores are all exactly zero
-uses that gradient norm instead, says so in the allocation history (``fallback``) and warns. In
+start) whenever loss gradients are at hand. An allocation whose proxy scores are all exactly zero
+is, by default (``zero_score_fallback="tie_break"``), the seeded random tie-break — what the
+authors' code does — and the history records ``all_zero``; with ``zero_score_fallback="grad_norm"``
+it uses that gradient norm instead, says so in the history (``fallback``) and warns. In
 dynamic mode modules that have never been switched on keep B = 0 and therefore score 0 under
 these three proxies: they are only picked by the tie-break when fewer than ``k`` modules score
 above zero — a property of the proxies, reported rather than hidden.
@@ -269,11 +271,13 @@ def alpha_test_scores(root: nn.Module, batch: Batch, cands: list[Candidate], tol
 
 # ----- one batch, any proxy ---------------------------------------------------------------------
 def score_batch(root: nn.Module, batch: Batch, cands: list[Candidate], proxy: str, tolerance: float,
-                grads=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                grads=None, zero_score_fallback: str = "tie_break") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(proxy score, gradient-norm fallback or None)`` per candidate for one batch.
 
     ``grads`` are loss gradients already at hand (the training step's, during the first scoring
-    window); otherwise a gradient-based proxy runs its own forward/backward pass.
+    window); otherwise a gradient-based proxy runs its own forward/backward pass. SynFlow and the
+    alpha test pay an extra pass for the gradient-norm fallback of an all-zero score only with
+    ``zero_score_fallback="grad_norm"``.
     """
     device = cands[0].a.device
     if proxy == "constant":
@@ -292,6 +296,7 @@ def score_batch(root: nn.Module, batch: Batch, cands: list[Candidate], proxy: st
         main = alpha_test_scores(root, batch, cands, tolerance)
     else:
         raise ValueError(f"proxy={proxy!r} is not allowed")
-    if fallback is None and not bool(main.any()):  # uninformative (B = 0): pay for the gradient-norm fallback
+    if fallback is None and zero_score_fallback == "grad_norm" and not bool(main.any()):
+        # uninformative (B = 0) and the gradient-norm fallback asked for: pay for it
         fallback = grad_norm_scores(cands, loss_grads(root, batch, cands))
     return main, fallback
