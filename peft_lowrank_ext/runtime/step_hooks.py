@@ -99,11 +99,9 @@ def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
         return
     for model, callbacks in list(_CALLBACKS.items()):
         active = [cb[which] for cb in callbacks.values() if cb[which] is not None]
-        if not optimizer_updates(optimizer, model):
-            continue
-        if which == 0:
-            carries = _starts_training_step(model, optimizer)
-        else:
+        if which == 0:  # the pre-step decides, once per optimizer step, whether this step carries the work
+            carries = optimizer_updates(optimizer, model) and _starts_training_step(model, optimizer)
+        else:  # ... and the post-step reads that decision instead of walking the model again
             carries = _ROUNDS.get(model, [set(), {}, None])[1].get(id(optimizer), False)
         if carries:
             _IN_CALLBACKS[0] = True
