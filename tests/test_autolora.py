@@ -52,6 +52,8 @@ def betas(model):
         (dict(held_out_fraction=0.0), "held_out_fraction"),
         (dict(held_out_fraction=1.0), "held_out_fraction"),
         (dict(hypergradient="third_order"), "hypergradient"),
+        (dict(search_every=0), "search_every"),
+        (dict(retrain_dropout=1.0), "retrain_dropout"),
         (dict(arch_lr=0.0), "arch_lr"),
         (dict(arch_beta1=1.0), "arch_beta1"),
         (dict(fd_epsilon=0.0), "fd_epsilon"),
@@ -120,14 +122,14 @@ def _plain_masked_lowrank(x, a, b, gate, scale, mask=None):
     return scale * ((x @ a.t()) * gate) @ b.t()
 
 
-def test_second_order_matches_the_exact_unrolled_hypergradient(monkeypatch):
+def test_darts_virtual_sgd_matches_the_exact_unrolled_hypergradient(monkeypatch):
     """DARTS' finite difference ≈ d/dβ L_val(w − ξ ∇_w L_train(w, β), β), computed here exactly."""
     import peft_lowrank_ext.tuners.gated.layer as gated_layer
 
     xi = 0.5
     base = LLAMA.build()
     base.set_attn_implementation("eager")  # twice-differentiable attention for the exact reference
-    model = make("second_order", base=base, virtual_lr=xi)
+    model = make("darts_virtual_sgd", base=base, virtual_lr=xi)
     model.train()
     val = lm_batches(1)
     train = {k: v for k, v in lm_batches(1)[0].items()}
@@ -169,10 +171,143 @@ def test_second_order_matches_the_exact_unrolled_hypergradient(monkeypatch):
     torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=2e-2)
 
 
+def _twice_differentiable(monkeypatch):
+    import peft_lowrank_ext.tuners.gated.layer as gated_layer
+
+    monkeypatch.setattr(gated_layer, "masked_lowrank", _plain_masked_lowrank)
+
+
+def _record_beta_gradients(monkeypatch) -> dict:
+    import peft_lowrank_ext.tuners.autolora.search as search_mod
+
+    recorded = {}
+    monkeypatch.setattr(search_mod, "_adam_update",
+                        lambda layer, adapter, grad, config: recorded.__setitem__(id(layer), grad.clone()))
+    return recorded
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_darts_real_step_matches_betty_darts_at_the_real_look_ahead(monkeypatch, fused):
+    """The authors' form: w' = the optimizer's real step; g_β = ∇_β L_val(w') − H_βw(L_train, w') v exactly."""
+    base = LLAMA.build()
+    base.set_attn_implementation("eager")
+    model = make("darts_real_step", base=base)
+    model.train()
+    val = lm_batches(1)
+    train = dict(lm_batches(1)[0])
+    train["input_ids"] = torch.flip(train["input_ids"], dims=[1])
+    train["labels"] = train["input_ids"].clone()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in names]
+    start = [w.detach().clone() for w in weights]
+    named = layers(model)
+    _twice_differentiable(monkeypatch)
+
+    # Reference: the same optimizer on a copy of the weights and the same training gradient gives w'.
+    grads = torch.autograd.grad(model(**train).loss, weights)
+    twins = [w.detach().clone().requires_grad_(True) for w in weights]
+    for t, g in zip(twins, grads):
+        t.grad = g.clone()
+    torch.optim.AdamW(twins, lr=1e-2, fused=fused).step()
+    ahead = {n: t.detach() for n, t in zip(names, twins)}
+    leaves = [m._store("beta")["default"].clone().requires_grad_(True) for _, m in named]
+    originals = [m._store("beta")["default"] for _, m in named]
+    for (_, m), leaf in zip(named, leaves):
+        m._store("beta")["default"] = leaf
+    at = {n: w.clone().requires_grad_(True) for n, w in ahead.items()}
+    val_loss = torch.func.functional_call(model, at, args=(), kwargs=val[0]).loss
+    direct_and_v = torch.autograd.grad(val_loss, leaves + list(at.values()))
+    direct, v = direct_and_v[: len(leaves)], direct_and_v[len(leaves):]
+    train_loss = torch.func.functional_call(model, at, args=(), kwargs=train).loss
+    g_w = torch.autograd.grad(train_loss, list(at.values()), create_graph=True)
+    hvp = torch.autograd.grad(sum((g * d).sum() for g, d in zip(g_w, v)), leaves)
+    want = torch.cat([d - h for d, h in zip(direct, hvp)])
+    implicit = torch.cat(hvp)
+    for (_, m), orig in zip(named, originals):
+        m._store("beta")["default"] = orig
+
+    recorded = _record_beta_gradients(monkeypatch)
+    AutoLoraSearch(val).attach(model)
+    opt = torch.optim.AdamW(weights, lr=1e-2, fused=fused)
+    for p in model.parameters():
+        p.grad = None
+    model(**train).loss.backward()
+    opt.step()
+    got = torch.cat([recorded[id(m)] for _, m in named])
+    assert implicit.abs().max() > 0.05 * want.abs().max(), "the implicit term matters at this size"
+    torch.testing.assert_close(got, want, atol=2e-3 * want.abs().max().item(), rtol=2e-2)
+    # The look-ahead was undone: the loop's own step moved the weights exactly once, as the reference did.
+    for n, w in zip(names, weights):
+        torch.testing.assert_close(w.detach(), ahead[n], atol=0, rtol=0)
+    assert all(int(opt.state[w]["step"]) == 1 for w in weights)
+    assert any(not torch.equal(w.detach(), s) for w, s in zip(weights, start))
+
+
+def test_darts_real_step_leaves_optimizer_state_as_a_run_without_search():
+    """Over several steps with a stateful optimizer, A/B follow exactly the run whose β never moves."""
+    torch.manual_seed(0)
+    searched = make("darts_real_step")
+    plain = make("darts_real_step", phase="selected")
+    plain.load_state_dict(searched.state_dict())
+    AutoLoraSearch(lm_batches()).attach(searched)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+            for m in (searched, plain)]
+    for step in range(3):
+        for (_, a), (_, b) in zip(layers(searched), layers(plain)):  # the same β: the same training gradient
+            b._store("beta")["default"].copy_(a._store("beta")["default"])
+        batch = lm_batches(1, seq=6)[0]
+        for model, opt in zip((searched, plain), opts):
+            model.train()
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        ab = [{n: p.detach() for n, p in m.named_parameters() if p.requires_grad} for m in (searched, plain)]
+        for n in ab[0]:
+            torch.testing.assert_close(ab[0][n], ab[1][n], atol=1e-6, rtol=1e-5)
+    assert int(layers(searched)[0][1]._store("beta_step")["default"]) == 3
+    assert int(layers(plain)[0][1]._store("beta_step")["default"]) == 0
+
+
+def test_search_every_k_steps_moves_beta_on_steps_0_k_2k(monkeypatch):
+    model = make("first_order", search_every=3)
+    AutoLoraSearch(lm_batches()).attach(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    moved = []
+    for step in range(7):
+        before = betas(model)
+        model(**lm_batches(1, seq=6)[0]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        moved.append(any(not torch.equal(before[n], b) for n, b in betas(model).items()))
+    assert moved == [True, False, False, True, False, False, True]
+
+
+def test_old_hypergradient_name_reads_as_darts_virtual_sgd():
+    with pytest.warns(FutureWarning, match="second_order.*darts_virtual_sgd"):
+        config = AutoLoraConfig(hypergradient="second_order")
+    assert config.hypergradient == "darts_virtual_sgd"
+
+
+def test_authors_defaults_alpha_16_retrain_dropout_and_frozen_head_in_search():
+    config = AutoLoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    assert (config.lora_alpha, config.retrain_dropout, config.hypergradient) == (16.0, 0.1, "darts_real_step")
+    model = get_peft_model(LLAMA.build(), AutoLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    autolora_select(model)
+    assert retrain_lora_config(model).lora_dropout == 0.1
+    from peft_lowrank_ext.tuners.autolora.selection import freeze_modules_to_save
+
+    assert freeze_modules_to_save(model) > 0
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("autolr_" in n for n in trainable)
+
+
 @pytest.mark.parametrize("loop", ["plain", "trainer", "sft"])
 def test_beta_learns_in_every_loop(loop, tmp_path):
     if loop == "plain":
-        model = make("second_order")
+        model = make("darts_real_step")
         before = betas(model)
         AutoLoraSearch(lm_batches()).attach(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

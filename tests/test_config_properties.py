@@ -161,8 +161,10 @@ def autolora_valid(draw) -> dict:
     kw["lora_alpha"] = draw(positive())
     kw["lora_dropout"] = draw(st.floats(0.0, 0.99))
     kw["threshold"] = draw(st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True)))
-    kw["hypergradient"] = draw(st.sampled_from(["second_order", "first_order"]))
+    kw["hypergradient"] = draw(st.sampled_from(["darts_real_step", "darts_virtual_sgd", "first_order"]))
     kw["selection_rule"] = draw(st.sampled_from(["softmax", "normalized"]))
+    kw["search_every"] = draw(st.integers(1, 50))
+    kw["retrain_dropout"] = draw(st.floats(0.0, 0.99))
     kw["arch_lr"] = draw(positive())
     kw["arch_beta1"] = draw(st.floats(0.0, 1.0, exclude_max=True))
     kw["arch_beta2"] = draw(st.floats(0.0, 1.0, exclude_max=True))
@@ -179,8 +181,10 @@ AUTOLORA_INVALID = {
     "lora_alpha": bad_reals([0.0, -2]),
     "lora_dropout": bad_reals([-0.1], [1.0]),
     "threshold": bad_reals([0.0, -0.1], [1.5], optional=True),
-    "hypergradient": bad_choices(["second_order", "first_order"]),
+    "hypergradient": bad_choices(["darts_real_step", "darts_virtual_sgd", "first_order"]),
     "selection_rule": bad_choices(["softmax", "normalized"]),
+    "search_every": bad_ints(1),
+    "retrain_dropout": bad_reals([-0.1], [1.0]),
     "arch_lr": bad_reals([0.0, -1e-3]),
     "arch_beta1": bad_reals([-0.1], [1.0]),
     "arch_beta2": bad_reals([-0.1], [1.0]),

@@ -95,7 +95,7 @@ def _starts_training_step(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
-    if not _CALLBACKS:
+    if not _CALLBACKS or _IN_CALLBACKS[0]:  # a step taken by a callback (AutoLoRA's look-ahead) is not a training step
         return
     for model, callbacks in list(_CALLBACKS.items()):
         active = [cb[which] for cb in callbacks.values() if cb[which] is not None]

@@ -1,24 +1,31 @@
-"""AutoLoRA's bi-level step: β learns on held-out data at every optimizer step, in any loop.
+"""AutoLoRA's bi-level step: β learns on held-out data every ``search_every`` optimizer steps, in any loop.
 
-At each optimizer step that updates an AutoLoRA model in its search phase (``step_hooks``),
-before A and B move:
+At an optimizer step that updates an AutoLoRA model in its search phase (``step_hooks``), before
+A and B move, with ``w`` the weights, ``g = ∇_w L_train(w, β)`` the gradient the loop just computed
+and ``v = ∇_w L_val`` at the look-ahead weights:
 
-* first order: ``g_β = ∇_β L_val(w, β)``;
-* second order (DARTS, the authors' choice): with the look-ahead ``w' = w − ξ ∇_w L_train(w, β)``
-  (``∇_w L_train`` is the gradient the loop just computed, ``ξ`` the optimizer's lr),
-  ``g_β = ∇_β L_val(w', β) − ξ [∇_β L_train(w⁺, β) − ∇_β L_train(w⁻, β)] / 2ε`` with
-  ``w± = w ± ε v``, ``v = ∇_{w'} L_val(w', β)``, ``ε = fd_epsilon / ‖v‖``; the training batch is
-  the one of the latest training forward pass;
+* ``first_order``: ``g_β = ∇_β L_val(w, β)``.
+* ``darts_real_step`` (the authors' search: betty's ``darts`` with roll-back): the optimizer takes its
+  real step on ``g`` to ``w'`` (its state is saved first); ``g_β = ∇_β L_val(w', β) −
+  [∇_β L_train(w' + εv) − ∇_β L_train(w' − εv)] / 2ε`` with ``ε = fd_epsilon / ‖v‖`` — no
+  learning-rate factor on the implicit term; then weights and optimizer state are restored and the
+  loop's own step proceeds. (The authors redo that step's gradient with the new β; here it keeps the
+  gradient the loop computed before β moved — one β step of difference.)
+* ``darts_virtual_sgd`` (the DARTS paper's form): the look-ahead is a virtual SGD step
+  ``w' = w − ξ g`` (``ξ`` = the optimizer's lr unless ``virtual_lr``) and
+  ``g_β = ∇_β L_val(w', β) − ξ [∇_β L_train(w + εv) − ∇_β L_train(w − εv)] / 2ε``.
 
-then β takes one Adam step (moments kept in buffers). Under ``torch.distributed`` (DDP) ``v`` and
-``g_β`` are averaged over the replicas first (each may hold its own held-out shard), so every replica
-takes the same β step — the one a single process takes on the concatenated batches. FSDP is refused
-(the passes would run on sharded A/B). The held-out data comes from one object,
-:class:`AutoLoraSearch`; a search step without it raises instead of silently training plain LoRA.
+The training batch of the implicit terms is the one of the latest training forward pass. Then β
+takes one Adam step (moments kept in buffers). Under ``torch.distributed`` (DDP) ``v`` and ``g_β``
+are averaged over the replicas first (each may hold its own held-out shard), so every replica takes
+the same β step — the one a single process takes on the concatenated batches. FSDP is refused (the
+passes would run on sharded A/B). The held-out data comes from one object, :class:`AutoLoraSearch`;
+a search step without it raises instead of silently training plain LoRA.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -34,6 +41,7 @@ from .layer import AutoLoraLayer
 SEARCH_ATTR = "_autolora_search"
 LAST_BATCH_ATTR = "_autolora_last_train_batch"
 BUSY_ATTR = "_autolora_in_meta_step"
+COUNT_ATTR = "_autolora_search_steps"
 
 
 class AutoLoraSearch(TrainerCallback):
@@ -106,7 +114,7 @@ class AutoLoraSearch(TrainerCallback):
 
 # ----- the step ---------------------------------------------------------------------------------
 def capture_train_batch(root: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook: remember the latest training batch (for the second-order term)."""
+    """Forward pre-hook: remember the latest training batch (for the implicit term of the DARTS forms)."""
     if root.training and torch.is_grad_enabled() and not getattr(root, BUSY_ATTR, False):
         object.__setattr__(root, LAST_BATCH_ATTR, (args, kwargs))
 
@@ -150,6 +158,10 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "call autolora_select(model)."
         )
     config = layers[0][0]._store("config")[layers[0][1]]
+    count = getattr(root, COUNT_ATTR, 0)
+    object.__setattr__(root, COUNT_ATTR, count + 1)
+    if count % config.search_every:
+        return
     weights = [layer._store(k)[a] for layer, a in layers for k in ("A", "B")]
     originals = [layer._store("beta")[a] for layer, a in layers]
     betas = [b.detach().clone().requires_grad_(True) for b in originals]
@@ -161,8 +173,10 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             val = search.next_batch(weights[0].device)
             if config.hypergradient == "first_order":
                 grads = torch.autograd.grad(_loss(root, (), val), betas, allow_unused=True)
+            elif config.hypergradient == "darts_real_step":
+                grads = _darts_real_step(root, optimizer, config, weights, betas, val)
             else:
-                grads = _second_order(root, optimizer, config, weights, betas, val)
+                grads = _darts_virtual_sgd(root, optimizer, config, weights, betas, val)
             # Data parallel: each replica saw its own held-out (and training) batch; the mean is the
             # hypergradient of the concatenated batches, so every replica takes the same β step.
             grads = replica_reduce(list(grads))
@@ -182,10 +196,39 @@ def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def _second_order(root, optimizer, config, weights, betas, val):
+def _last_train_batch(root):
     last = getattr(root, LAST_BATCH_ATTR, None)
     if last is None:
-        raise RuntimeError("AutoLoRA second-order step: no training forward pass was seen before the optimizer step")
+        raise RuntimeError("AutoLoRA DARTS step: no training forward pass was seen before the optimizer step")
+    return last
+
+
+def _held_out_gradients(root, weights, betas, val):
+    """``∇_β L_val`` and ``v = ∇_w L_val`` (averaged over replicas: the same ``w ± εv`` everywhere)."""
+    grads = torch.autograd.grad(_loss(root, (), val), betas + weights, allow_unused=True)
+    v = [torch.zeros_like(w) if g is None else g for g, w in zip(grads[len(betas):], weights)]
+    return grads[: len(betas)], replica_reduce(v)
+
+
+def _implicit_term(root, weights, betas, center, v, config):
+    """``[∇_β L_train(c + εv) − ∇_β L_train(c − εv)] / 2ε`` with ``ε = fd_epsilon / ‖v‖`` (weights left at c+εv)."""
+    last = _last_train_batch(root)
+    eps = config.fd_epsilon / torch.cat([x.flatten() for x in v]).norm().clamp_min(1e-12)
+    fd = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for w, c, d in zip(weights, center, v):
+                w.copy_(c + sign * eps * d)
+        fd.append(torch.autograd.grad(_loss(root, *last), betas, allow_unused=True))
+    return [None if gp is None or gm is None else (gp - gm) / (2 * eps) for gp, gm in zip(*fd)]
+
+
+def _combine(g_val, implicit, factor):
+    return [gv if gv is None or h is None else gv - factor * h for gv, h in zip(g_val, implicit)]
+
+
+def _darts_virtual_sgd(root, optimizer, config, weights, betas, val):
+    _last_train_batch(root)
     xi = config.virtual_lr if config.virtual_lr is not None else _lr_of(optimizer, weights[0])
     backup = [w.detach().clone() for w in weights]
     train_grads = [torch.zeros_like(w) if w.grad is None else w.grad.detach() for w in weights]
@@ -193,29 +236,39 @@ def _second_order(root, optimizer, config, weights, betas, val):
         with torch.no_grad():
             for w, g in zip(weights, train_grads):
                 w.sub_(xi * g)
-        grads = torch.autograd.grad(_loss(root, (), val), betas + weights, allow_unused=True)
-        g_val = grads[: len(betas)]
-        v = [torch.zeros_like(w) if g is None else g for g, w in zip(grads[len(betas):], weights)]
-        v = replica_reduce(v)  # the held-out gradient of all replicas' batches: the same w± everywhere
-        eps = config.fd_epsilon / torch.cat([x.flatten() for x in v]).norm().clamp_min(1e-12)
-        fd = []
-        for sign in (1.0, -1.0):
-            with torch.no_grad():
-                for w, b, d in zip(weights, backup, v):
-                    w.copy_(b + sign * eps * d)
-            fd.append(torch.autograd.grad(_loss(root, *last), betas, allow_unused=True))
+        g_val, v = _held_out_gradients(root, weights, betas, val)
+        implicit = _implicit_term(root, weights, betas, backup, v, config)
     finally:
         with torch.no_grad():
             for w, b in zip(weights, backup):
                 w.copy_(b)
-    out = []
-    for gv, gp, gm in zip(g_val, *fd):
-        if gv is None:
-            out.append(None)
-            continue
-        hessian_term = (gp - gm) / (2 * eps) if gp is not None and gm is not None else 0.0
-        out.append(gv - xi * hessian_term)
-    return out
+    return _combine(g_val, implicit, xi)
+
+
+def _darts_real_step(root, optimizer, config, weights, betas, val):
+    _last_train_batch(root)
+    moved = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    backup = [p.detach().clone() for p in moved]
+    state = {p: _clone_state(optimizer.state[p]) for p in moved if p in optimizer.state}
+    try:
+        optimizer.step()  # the real step (step_hooks ignores steps taken inside a callback)
+        looked_ahead = [w.detach().clone() for w in weights]
+        g_val, v = _held_out_gradients(root, weights, betas, val)
+        implicit = _implicit_term(root, weights, betas, looked_ahead, v, config)
+    finally:
+        with torch.no_grad():
+            for p, b in zip(moved, backup):
+                p.copy_(b)
+        for p in moved:
+            if p in state:
+                optimizer.state[p] = state[p]
+            else:
+                optimizer.state.pop(p, None)
+    return _combine(g_val, implicit, 1.0)
+
+
+def _clone_state(state: dict) -> dict:
+    return {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in state.items()}
 
 
 @torch.no_grad()

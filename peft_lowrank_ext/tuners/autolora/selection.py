@@ -57,7 +57,7 @@ def retrain_lora_config(model: nn.Module, adapter_name: str | None = None, **ove
         lora_alpha=config.lora_alpha,
         target_modules=sorted(ranks),
         rank_pattern={re.escape(k): v for k, v in ranks.items() if v != common},
-        lora_dropout=config.lora_dropout,
+        lora_dropout=config.retrain_dropout,
         fan_in_fan_out=config.fan_in_fan_out,
         modules_to_save=config.modules_to_save,
         task_type=config.task_type,
@@ -66,13 +66,28 @@ def retrain_lora_config(model: nn.Module, adapter_name: str | None = None, **ove
     return LoraConfig(**kwargs)
 
 
+def freeze_modules_to_save(model: nn.Module) -> int:
+    """Freeze the copies PEFT trains beside the adapter (e.g. a classification head); returns how many tensors.
+
+    The authors' search optimises only the ``lora_`` parameters: the head stays as initialised.
+    """
+    frozen = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and "modules_to_save" in name:
+            param.requires_grad_(False)
+            frozen += 1
+    return frozen
+
+
 def run_autolora(model_init, config, train_dataset, training_args, data_collator=None, held_out_dataset=None,
-                 retrain_args=None, processing_class=None):
+                 retrain_args=None, processing_class=None, search_trains_head: bool = False):
     """Search → select → retrain in one call with HF ``Trainer``.
 
     ``model_init()`` returns a fresh base model (called twice). Without ``held_out_dataset`` the
     training set is split ``1 − held_out_fraction`` / ``held_out_fraction`` (authors: 70/30) for
-    the search; the retrain uses the whole training set. Returns ``(lora_model, ranks)``.
+    the search; the retrain uses the whole training set. As in the authors' search, only the adapter
+    trains in the search (``modules_to_save`` such as the head stay as initialised) unless
+    ``search_trains_head``. Returns ``(lora_model, ranks)``.
     """
     from peft import get_peft_model
     from transformers import Trainer
@@ -85,6 +100,8 @@ def run_autolora(model_init, config, train_dataset, training_args, data_collator
     if len(held_out) == 0:
         raise ValueError("run_autolora: the held-out set is empty, which is not allowed")
     search_model = get_peft_model(model_init(), config)
+    if not search_trains_head:
+        freeze_modules_to_save(search_model)
     search = AutoLoraSearch(held_out, batch_size=training_args.per_device_train_batch_size, collate_fn=data_collator)
     Trainer(model=search_model, args=training_args, train_dataset=search_train, data_collator=data_collator,
             processing_class=processing_class, callbacks=[search]).train()
