@@ -36,7 +36,7 @@ from example_utils import (add_common_args, accuracy, load_base, load_classifica
                            train_with_trainer)
 
 SHORTCUTS = ["residual_1", "residual_2", "shortcut_sa", "shortcut_ffn"]
-PROXIES = ["grad_norm", "snip", "synflow", "alpha_test", "constant"]
+PROXIES = ["grad_norm", "weight_grad_norm", "snip", "synflow", "alpha_test_delta", "constant"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

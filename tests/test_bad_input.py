@@ -154,6 +154,8 @@ def test_sequence_length_one(method):
     assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if METHODS[method].prefix in n]
+    if method == "heterolora":  # allocated before the first step (authors' timing): switched-off ones get none
+        grads = [g for g in grads if g is not None]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
     causal = wrap_llama(method).eval()

@@ -22,6 +22,7 @@ from peft_lowrank_ext import HeteroLoraConfig, export_lora, heterolora_allocatio
 from peft_lowrank_ext.tuners.gated import layer as gated_layer
 from peft_lowrank_ext.tuners.heterolora import HeteroLoraLayer, HeteroShortcut, budget_count
 from peft_lowrank_ext.tuners.heterolora.shortcuts import SHORTCUT_ATTR, TAP_ATTR
+from methods import hand_alpha_test
 from models import TINY_MODELS
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 
@@ -31,7 +32,7 @@ ALL_SHORTCUTS = ["residual_1", "residual_2", "shortcut_sa", "shortcut_ffn"]
 
 def llama_model(**overrides):
     kwargs = dict(r=4, lora_alpha=8, target_modules=list(LLAMA.target_modules), task_type="CAUSAL_LM",
-                  init_weights=False, budget=0.5, proxy_batches=2)
+                  init_weights=False, budget=0.5, proxy_batches=2, timing="window")
     kwargs.update(overrides)
     return get_peft_model(LLAMA.build(), HeteroLoraConfig(**kwargs))
 
@@ -71,7 +72,9 @@ def test_config_defaults_and_allowed_values_in_message():
     c = HeteroLoraConfig()
     assert (c.r, c.lora_alpha, c.shortcut_r, c.shortcut_alpha, c.budget, c.proxy_batches) == (8, 16.0, 8, 4.0, 0.25, 32)
     assert c.shortcuts == [] and c.mode == "static" and c.ranking == "combined" and c.alpha_test_tolerance == 0.01
-    with pytest.raises(ValueError, match="'constant', 'grad_norm', 'snip', 'synflow', 'alpha_test'"):
+    assert c.timing == "authors" and c.realloc_every == 0.1 and c.steps_per_epoch is None and c.proxy == "grad_norm"
+    with pytest.raises(ValueError, match="'constant', 'grad_norm', 'weight_grad_norm', 'snip', 'synflow', "
+                                         "'synflow_logits', 'alpha_test', 'alpha_test_delta'"):
         HeteroLoraConfig(proxy="x")
     assert HeteroLoraConfig(shortcuts=["shortcut_ffn", "residual_1"]).shortcuts == ["residual_1", "shortcut_ffn"]
     assert c.zero_score_fallback == "tie_break"
@@ -123,7 +126,7 @@ class TinyNet(nn.Module):
 def tiny(proxy, init_weights=False, **kw):
     torch.manual_seed(5)
     config = HeteroLoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_weights=init_weights,
-                              proxy=proxy, budget=0.5, proxy_batches=2, **kw)
+                              proxy=proxy, budget=0.5, **{"proxy_batches": 2, **kw})
     return get_peft_model(TinyNet(), config)
 
 
@@ -144,9 +147,12 @@ def hand_params(model):
     return p
 
 
-def hand_forward(p, input_ids, labels=None, scales=(1.0, 1.0), x=None):
+def hand_forward(p, input_ids, labels=None, scales=(1.0, 1.0), x=None, layer=False):
+    """``layer``: scale the whole layer output (the authors' alpha test), else only ΔW x."""
     def lin(m, h, scale):
         q = p[m]
+        if layer:
+            return scale * (h @ q["W"].T + q["b"] + q["s"] * (h @ q["A"].T) @ q["B"].T)
         return h @ q["W"].T + q["b"] + q["s"] * scale * (h @ q["A"].T) @ q["B"].T
 
     h = p["E"][input_ids] if x is None else x
@@ -183,8 +189,8 @@ def test_gradient_proxies_match_hand_computation(proxy):
     assert report["modules"]["fc1" if expected[0] > expected[1] else "fc2"]["on"]
 
 
-def test_synflow_matches_hand_computation():
-    model = tiny("synflow")
+def test_synflow_logits_matches_hand_computation():
+    model = tiny("synflow_logits")
     before = {n: t.clone() for n, t in model.state_dict().items()}
     p = hand_params(model)
     with torch.no_grad():
@@ -201,8 +207,8 @@ def test_synflow_matches_hand_computation():
     assert all(torch.equal(before[n], after[n]) for n in before if n.endswith(("hetlr_A.default", "hetlr_B.default")))
 
 
-def test_alpha_test_matches_hand_binary_search():
-    model = tiny("alpha_test", alpha_test_tolerance=0.005)
+def test_alpha_test_delta_matches_hand_binary_search():
+    model = tiny("alpha_test_delta", alpha_test_tolerance=0.005)
     p = hand_params(model)
     batches = tiny_batches()
     expected = []
@@ -211,15 +217,7 @@ def test_alpha_test_matches_hand_binary_search():
             batch["labels"] = hand_forward(p, batch["input_ids"]).argmax(-1)
             loss = lambda s: float(hand_forward(p, batch["input_ids"], batch["labels"], scales=s))  # noqa: E731
             base = loss((1.0, 1.0))
-            row = []
-            for which in range(2):
-                lo, hi = 0, 10
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    s = [1.0, 1.0]
-                    s[which] = mid / 10
-                    lo, hi = (mid + 1, hi) if loss(tuple(s)) > base + 0.005 * abs(base) else (lo, mid)
-                row.append(hi / 10)
+            row = hand_alpha_test(lambda s: loss(s) > base + 0.005 * abs(base))
             expected.append(row)
     heterolora_score(model, batches)
     torch.testing.assert_close(torch.tensor(scores_of(model)), torch.tensor(expected).mean(0), rtol=1e-6, atol=1e-6)
@@ -238,7 +236,7 @@ def test_constant_proxy_is_seeded_random_and_allocates_at_wrap():
     assert len(picks) > 1
 
 
-@pytest.mark.parametrize("proxy", ["snip", "synflow", "alpha_test"])
+@pytest.mark.parametrize("proxy", ["snip", "synflow", "synflow_logits", "alpha_test_delta"])
 def test_zero_scores_at_b_zero_fall_back_to_gradient_norm_when_asked(proxy):
     model = tiny(proxy, init_weights=True, zero_score_fallback="grad_norm")  # B = 0: these proxies are exactly zero
     with pytest.warns(UserWarning, match="exactly zero.*gradient norm"):
@@ -266,7 +264,7 @@ def _on(report):
     return tuple(sorted(report["history"][-1]["on"]))
 
 
-@pytest.mark.parametrize("proxy", ["snip", "synflow", "alpha_test"])
+@pytest.mark.parametrize("proxy", ["snip", "synflow", "synflow_logits", "alpha_test_delta"])
 def test_zero_scores_at_b_zero_default_is_the_seeded_tie_break(proxy):
     """The authors' behaviour: all-zero scores leave the allocation to the random tie-break (not grad_norm)."""
     differs = False
@@ -501,7 +499,8 @@ def test_trl_sft_trainer_dynamic(tmp_path):
     with pytest.warns(UserWarning, match="exactly zero"):  # B = 0 at the first allocation: SNIP ties everywhere
         trainer.train()
     report = heterolora_allocation(trainer.model)
-    assert [h["step"] for h in report["history"]] == [1, 3, 5] and report["switched_on"] == 2
+    # timing="authors" (default): before steps 0, 2, 4 (step % realloc_every == 0); no step spent scoring
+    assert [h["step"] for h in report["history"]] == [0, 2, 4] and report["switched_on"] == 2
     assert [h["all_zero"] for h in report["history"]] == [True, False, False]
     assert not any(h["fallback"] for h in report["history"])  # the seeded tie-break, as in the authors' code
 
@@ -564,7 +563,7 @@ SHORTCUT_MODELS = ["gpt2", "llama", "bert"]
 def shortcut_model(name, init_weights=True, **kw):
     case = TINY_MODELS[name]
     kwargs = dict(target_modules=list(case.target_modules), task_type=case.task_type, init_weights=init_weights,
-                  shortcuts=ALL_SHORTCUTS, budget=0.5, proxy_batches=1)
+                  shortcuts=ALL_SHORTCUTS, budget=0.5, proxy_batches=1, timing="window")
     config = HeteroLoraConfig(**{**kwargs, **kw})
     return case, get_peft_model(case.build(), config)
 

@@ -64,7 +64,7 @@ def config(method: str, **fields):
     if method == "autolora":
         return AutoLoraConfig(r=4, **{"phase": "selected", **common})
     if method == "prilora":
-        return PriLoraConfig(r_first=2, r_last=4, **common)
+        return PriLoraConfig(r_first=2, r_last=4, **{"total_steps": 10, **common})  # schedule: fractions of 10
     return HeteroLoraConfig(r=4, **{"budget": 1.0, **common})  # every candidate on: trains from the first step
 
 
@@ -311,9 +311,10 @@ def test_rlora_refuses_add_weighted_adapter_naming_the_way_out():
 
 
 # ----- HeteroLoRA: nothing non-finite is saved ------------------------------------------------------------------
-def _scoring_model():
-    """Half the candidates, scored by gradient norm over a 2-step window (no allocation yet)."""
-    return wrapped("heterolora", init_weights=False, budget=0.5, proxy="grad_norm", proxy_batches=2)
+def _scoring_model(**fields):
+    """Half the candidates, scored by gradient norm over 2 batches (no allocation yet)."""
+    return wrapped("heterolora", **{"init_weights": False, "budget": 0.5, "proxy": "grad_norm", "proxy_batches": 2,
+                                    **fields})
 
 
 def _nonfinite(state: dict) -> list[str]:
@@ -334,7 +335,7 @@ def test_heterolora_state_is_finite_before_the_first_allocation_and_round_trips_
 
 
 def test_heterolora_nan_gradient_in_the_scoring_window_saves_finite_scores():
-    model = _scoring_model()
+    model = _scoring_model(timing="window")  # the 2-step scoring window (the default "authors" has none)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     model.train()
     for step in range(2):
@@ -344,6 +345,7 @@ def test_heterolora_nan_gradient_in_the_scoring_window_saves_finite_scores():
         optimizer.zero_grad()
         assert not _nonfinite(get_peft_model_state_dict(model)), f"step {step}"
     report = heterolora_allocation(model)
+    assert report["timing"] == "window"
     assert report["allocations"] == 1 and report["switched_on"] == 1
     assert all(math.isfinite(v["score"]) for v in report["modules"].values())
     assert all(math.isfinite(s) for entry in report["history"] for s in entry["scores"].values())

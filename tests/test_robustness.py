@@ -22,7 +22,7 @@ import torch
 from peft import get_peft_model, inject_adapter_in_model
 from torch import nn
 
-from methods import METHODS, lm_batches
+from methods import METHODS, assert_same_gradients, lm_batches
 from models import TINY_MODELS
 from peft_lowrank_ext import AutoLoraSearch
 from test_bad_input import Block, TinyStack
@@ -77,7 +77,7 @@ def test_half_precision_conv1d_trains_and_merges(method, dtype):
 @pytest.mark.parametrize("method", METHOD_IDS)
 def test_reentrant_gradient_checkpointing_matches(method):
     inputs = GPT2.inputs()
-    grads = []
+    runs = []
     for checkpointing in (False, True):
         model = wrap(method, GPT2)
         if checkpointing:
@@ -85,10 +85,8 @@ def test_reentrant_gradient_checkpointing_matches(method):
             model.enable_input_require_grads()
         model.train()
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4)
+        runs.append(model)
+    assert_same_gradients(method, *runs)
 
 
 class FourBlockStack(TinyStack):

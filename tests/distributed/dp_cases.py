@@ -102,14 +102,14 @@ FSDP_REFUSED = {
     "fsdp2": {
         "rlora": "fully_shard doesn't support scalar parameters",  # torch's own message (learn_posterior_sigma)
         "autolora": "AutoLoRA search phase under FSDP2 (fully_shard) is not supported",
-        "heterolora_static": "HeteroLoRA scoring window under FSDP2 (fully_shard) is not supported",
+        "heterolora_static": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported",
     },
     "fsdp1": {
         "rlora_fixed_sigma": "RLoRA PAC-Bayes regularizer (pac_bayes_weight > 0) under FSDP1 "
                              "(FullyShardedDataParallel) is not supported",
         "prilora": "PRILoRA pruning under FSDP1 (FullyShardedDataParallel) is not supported",
         "autolora": "AutoLoRA search phase under FSDP1 (FullyShardedDataParallel) is not supported",
-        "heterolora_static": "HeteroLoRA scoring window under FSDP1 (FullyShardedDataParallel) is not supported",
+        "heterolora_static": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) is not supported",
     },
 }
 ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES}

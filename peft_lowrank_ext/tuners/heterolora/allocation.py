@@ -1,6 +1,17 @@
-"""HeteroLoRA's allocation policy: scoring windows, top-k switching, history — in any training loop.
+"""HeteroLoRA's allocation policy: scoring, top-k switching, history — in any training loop.
 
-Timeline of one adapter (``P = proxy_batches``, ``R = realloc_every``, ``t`` = optimizer steps done):
+``P = proxy_batches``, ``R`` = ``realloc_every`` in steps, ``t`` = optimizer steps done.
+
+``timing="authors"`` (default; ``dyrealloc_callback.py``: re-allocate when ``batch_idx % N == 0``):
+at wrap time every candidate is on; at the first training forward pass of step ``t = 0`` — and,
+with ``mode="dynamic"``, of every step whose index within its epoch is a multiple of ``R`` (so also
+the first step of every epoch when ``steps_per_epoch`` is known) — a forward pre-hook scores every
+candidate (all switched on) and switches the top ``k`` on before that step's forward runs. It
+scores the first ``P`` batches of the unshuffled training data of :class:`HeteroLoraData` (the
+alpha test: its 1:1 training/validation mix), or without it the batch about to be trained. No step
+is spent on scoring. A static allocation that does not depend on scores is made at wrap time.
+
+``timing="window"`` (ours):
 
 * at wrap time every candidate is on; with ``proxy="constant"`` (or a budget that keeps every
   candidate) the allocation is made right away and there is no scoring window;
@@ -35,10 +46,13 @@ from torch import nn
 
 from .._base.tuner import adapted_root
 from ...runtime.distributed import fsdp_kind, replica_reduce
-from .config import budget_count
+from .config import ZERO_AT_INIT, budget_count, realloc_steps
+from .data import attached, next_due
 from .layer import (FLAG_ALL_ZERO, FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer,
                     finite_score)
-from .proxies import BUSY_ATTR, Batch, Candidate, score_batch
+from .proxies import BUSY_ATTR, Batch, Candidate, alpha_test_scores, score_batch
+
+RESOLVE = -2  # NEXT_ALLOC: dynamic, the next allocation's step is computed at the next step boundary
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
 CAPTURE_ATTR = "_heterolora_capture_handle"
@@ -101,13 +115,12 @@ def needs_scoring(cands: list[Candidate], config) -> bool:
 def window_length(cands: list[Candidate], config, n_alloc: int) -> int:
     if not needs_scoring(cands, config):
         return 0
-    return config.proxy_batches if n_alloc == 0 else min(config.proxy_batches, config.realloc_every)
+    return config.proxy_batches if n_alloc == 0 else min(config.proxy_batches, realloc_steps(config))
 
 
 def in_window(cands: list[Candidate], config, state: list[int]) -> bool:
     nxt = state[NEXT_ALLOC]
-    width = window_length(cands, config, state[N_ALLOC])
-    return nxt >= 0 and nxt - width < state[STEP] <= nxt
+    return nxt >= 0 and nxt - window_length(cands, config, state[N_ALLOC]) < state[STEP] <= nxt
 
 
 # ----- scores -------------------------------------------------------------------------------------
@@ -147,7 +160,7 @@ def allocate(cands: list[Candidate], step: int) -> list[bool]:
     main = torch.stack([c.layer._store("proxy_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
     fallback = torch.stack([c.layer._store("gradnorm_sum")[c.adapter].to(device) for c in cands]).float() / n_scored
     main, fallback = replica_reduce([main, fallback])  # every replica allocates from the same mean scores
-    all_zero = (config.proxy in ("snip", "synflow", "alpha_test") and needs_scoring(cands, config)
+    all_zero = (config.proxy in ZERO_AT_INIT and needs_scoring(cands, config)
                 and bool((main == 0).all()))
     use_fallback = all_zero and config.zero_score_fallback == "grad_norm" and bool((fallback != 0).any())
     if use_fallback:
@@ -177,9 +190,27 @@ def allocate(cands: list[Candidate], step: int) -> list[bool]:
         layer._store("hist_step")[a][slot] = step
         layer._store("hist_proxy")[a][slot] = score
         layer._store("hist_flags")[a][slot] = (FLAG_ON if flag else 0) | flags_extra
-    next_alloc = step + config.realloc_every - 1 if config.mode == "dynamic" else -1
-    write_state(cands, [state[STEP], n_alloc + 1, 0, next_alloc])
+    write_state(cands, [state[STEP], n_alloc + 1, 0, RESOLVE if config.mode == "dynamic" else -1])
     return on
+
+
+def resolve_next(cands: list[Candidate], state: list[int]) -> list[int]:
+    """Turn ``RESOLVE`` into the step of the next allocation (needs ``steps_per_epoch`` for a fractional
+    ``realloc_every``, which ``HeteroLoraData`` may only set when training starts)."""
+    if state[NEXT_ALLOC] != RESOLVE:
+        return state
+    state[NEXT_ALLOC] = _next_of(cands, state)
+    write_state(cands, state)
+    return state
+
+
+def _next_of(cands: list[Candidate], state: list[int]) -> int:
+    config = _config(cands)
+    layer, adapter = cands[0].layer, cands[0].adapter
+    last = int(layer._store("hist_step")[adapter][(state[N_ALLOC] - 1) % layer._store("hist_step")[adapter].numel()])
+    if config.timing == "window":  # allocate after the step that ends R steps after the last allocation
+        return last + realloc_steps(config) - 1
+    return next_due(config, last)  # before the next step whose index within the epoch is a multiple of R
 
 
 def init_allocation(root: nn.Module, adapter: str) -> None:
@@ -190,7 +221,9 @@ def init_allocation(root: nn.Module, adapter: str) -> None:
     config = _config(cands)
     for c in cands:
         c.layer.set_on(c.adapter, True)
-    if needs_scoring(cands, config):
+    if config.timing == "authors" and (needs_scoring(cands, config) or config.mode == "dynamic"):
+        write_state(cands, [0, 0, 0, 0])  # before the first training step
+    elif needs_scoring(cands, config):
         write_state(cands, [0, 0, 0, config.proxy_batches - 1])
     else:
         write_state(cands, [0, 0, 0, -1])
@@ -199,9 +232,69 @@ def init_allocation(root: nn.Module, adapter: str) -> None:
 
 # ----- the training-time hooks ------------------------------------------------------------------
 def capture_batch(root: nn.Module, args, kwargs) -> None:
-    """Forward pre-hook: remember the latest training batch (what scoring passes run on)."""
-    if root.training and torch.is_grad_enabled() and not root.__dict__.get(BUSY_ATTR, False):
-        object.__setattr__(root, LAST_BATCH_ATTR, (args, kwargs))
+    """Forward pre-hook: remember the latest training batch; with ``timing="authors"`` allocate before
+    the first training forward of a step that is due."""
+    if not (root.training and torch.is_grad_enabled() and not root.__dict__.get(BUSY_ATTR, False)):
+        return
+    object.__setattr__(root, LAST_BATCH_ATTR, (args, kwargs))
+    for adapter, cands in training_groups(root).items():
+        config = _config(cands)
+        if config.timing != "authors":
+            continue
+        state = resolve_next(cands, read_state(cands))
+        if 0 <= state[NEXT_ALLOC] <= state[STEP]:
+            _allocate_before_step(root, cands, config, (args, kwargs), state)
+
+
+def _check_unsharded(cands: list[Candidate]) -> None:
+    sharding = fsdp_kind(cands[0].a)
+    if sharding is not None:
+        raise RuntimeError(
+            f"HeteroLoRA scoring under {sharding} is not supported: proxy scoring needs "
+            "the gradients of whole, unsharded A/B. Use DistributedDataParallel, or allocate before "
+            "sharding (heterolora_score(model, batches), or proxy='constant') with mode='static'."
+        )
+
+
+def score_and_accumulate(root: nn.Module, cands: list[Candidate], config, batches: list[Batch]) -> int:
+    """Add the scores of ``batches`` to the window sums; returns how many scores were added.
+    The authors' alpha test judges the whole set of batches at once (one score)."""
+    if config.proxy == "alpha_test":
+        accumulate(cands, alpha_test_scores(root, batches, cands, config.alpha_test_tolerance,
+                                            config.alpha_test_metric), None)
+        return 1
+    for batch in batches:
+        main, fallback = score_batch(root, batch, cands, config.proxy, config.alpha_test_tolerance, None,
+                                     config.zero_score_fallback)
+        accumulate(cands, main, fallback)
+    return len(batches)
+
+
+def _allocate_before_step(root: nn.Module, cands: list[Candidate], config, current: Batch, state: list[int]) -> None:
+    if config.mode == "dynamic":
+        realloc_steps(config)  # a fractional realloc_every without steps_per_epoch fails before anything trains
+    scored = 0
+    if needs_scoring(cands, config):
+        _check_unsharded(cands)
+        device = cands[0].a.device
+        data = attached(root)
+        if config.proxy == "alpha_test":
+            if data is None:
+                raise ValueError("HeteroLoRA proxy='alpha_test' (the authors' alpha test) needs validation data: "
+                                 "pass HeteroLoraData(validation=...) as a Trainer callback or .attach(model) it "
+                                 "(or use proxy='alpha_test_delta', which scores the training loss)")
+            batches = [_as_batch(b, device) for b in data.mixed_batches(config.proxy_batches, device,
+                                                                          state[N_ALLOC])]
+        else:
+            fixed = data.scoring_batches(config.proxy_batches, device) if data is not None else None
+            batches = [_as_batch(b, device) for b in fixed] if fixed else [current]
+        for c in cands:
+            c.layer._store("proxy_sum")[c.adapter].zero_()
+            c.layer._store("gradnorm_sum")[c.adapter].zero_()
+        scored = score_and_accumulate(root, cands, config, batches)
+    write_state(cands, [state[STEP], state[N_ALLOC], scored, state[NEXT_ALLOC]])
+    allocate(cands, step=state[STEP])
+    resolve_next(cands, read_state(cands))
 
 
 def install_hooks(root: nn.Module) -> None:
@@ -225,18 +318,14 @@ def pre_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for adapter, cands in training_groups(root).items():
         config = _config(cands)
         state = read_state(cands)
-        if in_window(cands, config, state):
-            sharding = fsdp_kind(cands[0].a)
-            if sharding is not None:
-                raise RuntimeError(
-                    f"HeteroLoRA scoring window under {sharding} is not supported: proxy scoring needs "
-                    "the gradients of whole, unsharded A/B. Use DistributedDataParallel, or allocate before "
-                    "sharding (heterolora_score(model, batches), or proxy='constant') with mode='static'."
-                )
+        if config.timing == "window":
+            state = resolve_next(cands, state)
+        if config.timing == "window" and in_window(cands, config, state):
+            _check_unsharded(cands)
             if state[N_ALLOC] == 0:
                 # First window: every candidate was on in this step's forward, so its gradients are the proxy's.
                 grads = [(c.a.grad, c.b.grad) for c in cands]
-                batch = _last_batch(root) if config.proxy in ("synflow", "alpha_test") else None
+                batch = _last_batch(root) if config.proxy not in ("grad_norm", "snip") else None
                 main, fallback = score_batch(root, batch, cands, config.proxy, config.alpha_test_tolerance, grads,
                                              config.zero_score_fallback)
                 for c in cands:  # scoring only: no adapter weight moves in this window
@@ -259,7 +348,7 @@ def post_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for adapter, cands in training_groups(root).items():
         state = read_state(cands)
         t = state[STEP]
-        if state[NEXT_ALLOC] >= 0 and t >= state[NEXT_ALLOC]:
+        if _config(cands).timing == "window" and state[NEXT_ALLOC] >= 0 and t >= state[NEXT_ALLOC]:
             allocate(cands, step=t + 1)
             state = read_state(cands)
         state[STEP] = t + 1
@@ -286,13 +375,14 @@ def _model_candidates(model: nn.Module, adapter_name: Optional[str]) -> tuple[nn
     return root, adapter, cands
 
 
-def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional[str] = None) -> dict:
+def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional[str] = None,
+                     validation: Optional[Iterable] = None) -> dict:
     """Score every candidate on the first ``proxy_batches`` of ``batches`` and allocate now.
 
-    Use it before training to keep the first optimizer steps for training (otherwise they form the
-    scoring window). Batches are dicts of tensors as the model's forward takes them (with
-    ``labels`` for the loss-based proxies), e.g. a ``DataLoader`` of the training set. Returns
-    :func:`heterolora_allocation`.
+    Batches are dicts of tensors as the model's forward takes them (with ``labels`` for the
+    loss-based proxies), e.g. an unshuffled ``DataLoader`` of the training set. ``proxy="alpha_test"``
+    also needs ``validation`` batches: it scores the first ``proxy_batches`` of their 1:1 mix with
+    ``batches``. Returns :func:`heterolora_allocation`.
     """
     root, adapter, cands = _model_candidates(model, adapter_name)
     config = _config(cands)
@@ -301,14 +391,20 @@ def heterolora_score(model: nn.Module, batches: Iterable, adapter_name: Optional
     for c in cands:  # scores of an unfinished training window would mix with these
         c.layer._store("proxy_sum")[c.adapter].zero_()
         c.layer._store("gradnorm_sum")[c.adapter].zero_()
-    scored = 0
-    for batch in itertools.islice(iter(batches), config.proxy_batches):
-        main, fallback = score_batch(root, _as_batch(batch, device), cands, config.proxy, config.alpha_test_tolerance,
-                                     None, config.zero_score_fallback)
-        accumulate(cands, main, fallback)
-        scored += 1
-    if scored == 0:
+    if config.proxy == "alpha_test":
+        if validation is None:
+            raise ValueError("heterolora_score: validation=None is not allowed with proxy='alpha_test' (the authors' "
+                             "alpha test judges a 1:1 mix of training and validation batches); pass validation "
+                             "batches, or use proxy='alpha_test_delta'")
+        from .data import HeteroLoraData
+
+        chosen = HeteroLoraData(train=list(batches), validation=list(validation), seed=config.seed).mixed_batches(
+            config.proxy_batches, device, state[N_ALLOC])
+    else:
+        chosen = list(itertools.islice(iter(batches), config.proxy_batches))
+    if not chosen:
         raise ValueError("heterolora_score: batches is empty, which is not allowed; give at least one batch")
+    scored = score_and_accumulate(root, cands, config, [_as_batch(b, device) for b in chosen])
     write_state(cands, [state[STEP], state[N_ALLOC], scored, state[NEXT_ALLOC]])
     allocate(cands, step=state[STEP])
     return heterolora_allocation(model, adapter)
@@ -329,6 +425,11 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
     _, adapter, cands = _model_candidates(model, adapter_name)
     config = _config(cands)
     state = read_state(cands)
+    if state[NEXT_ALLOC] == RESOLVE:  # report the pending schedule without changing the state
+        try:
+            state[NEXT_ALLOC] = _next_of(cands, state)
+        except ValueError:  # a fractional realloc_every before steps_per_epoch is known
+            state[NEXT_ALLOC] = -1
     scored = state[N_ALLOC] > 0
     modules = {c.name: {"kind": c.kind, "on": c.on,
                         "score": float(c.layer._store("proxy_last")[c.adapter]) if scored else math.nan}
@@ -356,7 +457,12 @@ def heterolora_allocation(model: nn.Module, adapter_name: Optional[str] = None) 
         "step": state[STEP],
         "allocations": state[N_ALLOC],
         "phase": "scoring" if state[N_ALLOC] == 0 else "allocated",
-        "next_allocation_after_step": state[NEXT_ALLOC] + 1 if state[NEXT_ALLOC] >= 0 else None,
+        "timing": config.timing,
+        # window: the allocation follows that many steps; authors: it precedes step ``next_allocation_before_step``
+        "next_allocation_after_step": state[NEXT_ALLOC] + 1 if state[NEXT_ALLOC] >= 0 and config.timing == "window"
+        else None,
+        "next_allocation_before_step": state[NEXT_ALLOC] if state[NEXT_ALLOC] >= 0 and config.timing == "authors"
+        else None,
         "candidates": len(cands),
         "switched_on": sum(c.on for c in cands),
         "modules": modules,

@@ -50,6 +50,9 @@ STEP, N_ALLOC, N_SCORED, NEXT_ALLOC = range(STATE_LEN)
 FLAG_ON, FLAG_FALLBACK, FLAG_ALL_ZERO = 1, 2, 4
 # Buffers holding proxy scores; they are kept finite (see finite_score).
 SCORE_KINDS = ("proxy_sum", "gradnorm_sum", "proxy_last", "hist_proxy")
+DELTA_SCALE_ATTR = "_hetero_output_scale"  # {adapter: a/10}: scales ΔW x only
+LAYER_SCALE_ATTR = "_hetero_layer_scale"  # {adapter: a/10}: scales the whole layer output W0 x + b + ΔW x
+WEIGHT_GRAD_ATTR = "_hetero_weight_grad"  # {adapter: None | Σ g xᵀ}: filled during a weight_grad_norm pass
 
 
 def finite_score(values: torch.Tensor) -> torch.Tensor:
@@ -78,9 +81,21 @@ class HeteroLoraLayer(GatedLoraLayer):
 
     def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         out = super().adapter_update(x, adapter_name)
-        # alpha_test scales one module's output by a/10 (a transient attribute, never saved)
-        scale = self.__dict__.get("_hetero_output_scale", {}).get(adapter_name)
-        return out if scale is None else out * scale
+        # alpha_test_delta (and alpha_test on a shortcut) scales ΔW x by a/10 (transient, never saved)
+        scale = self.__dict__.get(DELTA_SCALE_ATTR, {}).get(adapter_name)
+        if scale is not None:
+            out = out * scale
+        sink = self.__dict__.get(WEIGHT_GRAD_ATTR)
+        if sink is not None and adapter_name in sink and out.requires_grad:
+            # weight_grad_norm: Σ g xᵀ over tokens, the gradient of a full-rank update here (A and B do not enter)
+            xs = x.detach().reshape(-1, x.shape[-1]).float()
+
+            def collect(g: torch.Tensor) -> None:
+                term = g.detach().reshape(-1, g.shape[-1]).float().T @ xs
+                sink[adapter_name] = term if sink[adapter_name] is None else sink[adapter_name] + term
+
+            out.register_hook(collect)
+        return out
 
     def _unused_tie(self) -> Optional[torch.Tensor]:
         """Zero contribution of switched-off adapters under torch.distributed (see module docstring)."""
@@ -101,6 +116,10 @@ class HeteroLoraLinear(GatedLinear, HeteroLoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = super().forward(x, *args, **kwargs)
+        scales = self.__dict__.get(LAYER_SCALE_ATTR)
+        if scales:  # the authors' alpha test of a LoRA candidate: (W0 x + b + ΔW x) · a/10
+            for scale in scales.values():
+                result = result * scale
         if self.merged:
             return result
         tie = self._unused_tie()

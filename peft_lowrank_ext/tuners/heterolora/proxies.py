@@ -5,29 +5,46 @@ For a candidate with ``ΔW = s · B A``:
 * ``constant``: 0 for all — the allocation is the seeded random tie-break;
 * ``grad_norm``: ``‖∇A‖ + ‖∇B‖`` (Frobenius norms) of the training loss;
 * ``snip``: ``Σ|A ⊙ ∇A| + Σ|B ⊙ ∇B|`` (the authors compute it as the gradient of all-ones masks);
-* ``synflow``: every floating-point parameter of the model made positive (``|θ|``), the input
-  embedding replaced by all ones (no data needed), ``R = Σ`` model outputs, score
-  ``Σ|θ ⊙ ∂R/∂θ|`` over the candidate's A and B; signs are restored afterwards (this costs one
-  byte per model parameter while it runs);
-* ``alpha_test``: the candidate's output is multiplied by ``a/10``; the score is the smallest
-  ``a ∈ {0..10}`` (binary search, assuming the loss is monotone in ``a``) whose loss stays within
-  ``loss · (1 + alpha_test_tolerance)`` of the unscaled model, divided by 10 — a module that can be
-  scaled to 0 without hurting scores 0.
+* ``weight_grad_norm`` (ours): ``‖Σ_tokens g xᵀ‖`` with ``x`` the candidate's input and ``g`` the
+  loss gradient at its output — the gradient of a full-rank update at that position. It does not
+  depend on the candidate's own A and B, so switched-on and switched-off candidates are scored on
+  the same footing (``grad_norm`` is not: see "Dynamic re-allocation" below);
+* ``synflow`` (the authors'): every floating-point parameter made positive (``|θ|``), the input
+  embedding replaced by all ones, the *loss with the batch's labels* back-propagated (the model's
+  train/eval mode is left as it is, as in the authors' callback); score ``Σ|θ ⊙ ∇θ|`` over A and B;
+  signs are restored afterwards (one byte per model parameter while it runs);
+* ``synflow_logits`` (ours, the earlier ``synflow``): the same with ``R = Σ`` logits, no labels,
+  in eval mode;
+* ``alpha_test`` (the authors'): each candidate in turn is scaled by ``a/10`` — for a LoRA module
+  the *whole layer output* ``W0 x + b + ΔW x``, for a shortcut ``ΔS h`` — and the score is the
+  smallest ``a ∈ {0..10}`` (binary search) whose *task metric* on ``proxy_batches`` batches of a
+  1:1 training/validation mix stays within tolerance: accuracy ``≥ m − m·tol``, perplexity
+  ``≤ m + tol/m`` (the authors' thresholds), divided by 10. Run in eval mode (the authors' callback
+  leaves the model in training mode, so dropout is on there);
+* ``alpha_test_delta`` (ours, the earlier ``alpha_test``): only ``ΔW x`` is scaled and the criterion
+  is the training loss: ``loss ≤ base · (1 + tol)``, per scored training batch.
 
 Scores are summed over the scored batches and averaged at allocation time; larger is better.
 
-**At B = 0 (the usual LoRA initialisation) SNIP, SynFlow and the alpha test are exactly zero for
-every candidate**: ``∇A = s Bᵀ(…) = 0`` and ``B = 0`` make both SNIP terms vanish (likewise for
-SynFlow), and a module whose output is zero cannot change the loss when scaled. They only carry
+**At B = 0 (the usual LoRA initialisation) SNIP, both SynFlows and ``alpha_test_delta`` are exactly
+zero for every candidate**: ``∇A = s Bᵀ(…) = 0`` and ``B = 0`` make both SNIP terms vanish (likewise
+for SynFlow), and a module whose output is zero cannot change the loss when scaled. (The authors'
+``alpha_test`` scales the base layer too, so it is informative for LoRA candidates at B = 0; shortcut
+candidates then score 0.) They only carry
 information once the modules have trained. So every scoring pass also records ``grad_norm``
 (which at B = 0 is ``‖∇B‖``, the gradient of B's contribution, and is informative from the
 start) whenever loss gradients are at hand. An allocation whose proxy scores are all exactly zero
 is, by default (``zero_score_fallback="tie_break"``), the seeded random tie-break — what the
 authors' code does — and the history records ``all_zero``; with ``zero_score_fallback="grad_norm"``
-it uses that gradient norm instead, says so in the history (``fallback``) and warns. In
-dynamic mode modules that have never been switched on keep B = 0 and therefore score 0 under
-these three proxies: they are only picked by the tie-break when fewer than ``k`` modules score
-above zero — a property of the proxies, reported rather than hidden.
+it uses that gradient norm instead, says so in the history (``fallback``) and warns. 
+
+**Dynamic re-allocation and the incumbents.** Every proxy except ``constant`` and
+``weight_grad_norm`` scores a candidate through its own factors, so a candidate that has trained
+is scored differently from one that has not. For ``grad_norm``: ``∇A = s Bᵀ ∇W`` is 0 for a
+never-switched-on candidate (B = 0) but not for an incumbent, and ``∇B = s ∇W Aᵀ`` grows once A has
+aligned with the gradient; SNIP/SynFlow give never-switched-on candidates exactly 0. The authors'
+code scores the same way, so this bias toward the incumbents is the method, not a bug of this
+package; ``proxy="weight_grad_norm"`` scores all candidates on the same footing.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ import torch
 from torch import nn
 
 from ...runtime.distributed import replica_reduce
-from .layer import HeteroLoraLayer
+from .layer import DELTA_SCALE_ATTR, LAYER_SCALE_ATTR, WEIGHT_GRAD_ATTR, HeteroLoraLayer
 
 BUSY_ATTR = "_heterolora_busy"
 Batch = tuple[tuple, dict]
@@ -166,24 +183,27 @@ def loss_grads(root: nn.Module, batch: Batch, cands: list[Candidate]):
     with all_switched_on(cands), scoring_pass(root), _requiring_grad(params), torch.enable_grad():
         loss = _loss(root, batch)
         try:
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        except RuntimeError as err:  # reentrant gradient checkpointing refuses autograd.grad
+            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        except RuntimeError as err:  # reentrant gradient checkpointing refuses autograd.grad ...
             if "heckpoint" not in str(err):
                 raise
-            grads = _grads_by_backward(root, batch, params)
+            grads = None
+        if grads is None or all(g is None for g in grads):  # ... or, outside its graph, returns only None
+            grads = _grads_by_backward(root, loss, params)  # the same loss: no second forward, same dropout
     # Data parallel: the replica's own batch only; the mean over replicas is the gradient of the
     # concatenated batches (mean loss), so re-scoring matches one process and every replica agrees.
     return _pairs(replica_reduce(list(grads)), cands)
 
 
-def _grads_by_backward(root: nn.Module, batch: Batch, params: list[torch.Tensor]):
-    """``.backward()`` with every ``.grad`` stashed and restored (used only where autograd.grad is refused)."""
+def _grads_by_backward(root: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]):
+    """``loss.backward()`` with every ``.grad`` stashed and restored (where autograd.grad cannot see the
+    adapter weights: reentrant gradient checkpointing)."""
     trainable = [p for p in root.parameters() if p.requires_grad]
     stash = [p.grad for p in trainable]
     for p in trainable:
         p.grad = None
     try:
-        _loss(root, batch).backward()
+        loss.backward()
         return [None if p.grad is None else p.grad.detach().clone() for p in params]
     finally:
         for p, g in zip(trainable, stash):
@@ -210,11 +230,13 @@ def _ones_inputs(batch: Batch) -> Batch:
     return tuple(ones(a) for a in args), {k: ones(v) for k, v in kwargs.items()}
 
 
-def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate]) -> torch.Tensor:
+def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_labels: bool = True) -> torch.Tensor:
+    """``with_labels``: the authors' SynFlow (the loss, labels kept, mode as is); else ``synflow_logits``."""
     params = _params(cands)
     weights = [p for p in root.parameters() if p.is_floating_point()]
     args, kwargs = batch
-    batch = (args, {k: v for k, v in kwargs.items() if k != "labels"})
+    if not with_labels:
+        batch = (args, {k: v for k, v in kwargs.items() if k != "labels"})
     negative = []
     with torch.no_grad():
         for p in weights:
@@ -224,12 +246,15 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate]) -> tor
     if handle is None:
         batch = _ones_inputs(batch)
     try:
-        with all_switched_on(cands), scoring_pass(root, training=False), _requiring_grad(params), \
-                torch.enable_grad():
-            out = root(*batch[0], **batch[1])
-            total = _logits(out).float().sum()
-            # R sums over the batch, so the sum over replicas is R of the concatenated batches.
-            grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum"), cands)
+        with all_switched_on(cands), scoring_pass(root, training=None if with_labels else False), \
+                _requiring_grad(params), torch.enable_grad():
+            if with_labels:  # the mean loss: the mean over replicas is that of the concatenated batches
+                total = _loss(root, batch).float()
+                grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True))), cands)
+            else:  # R sums over the batch, so the sum over replicas is R of the concatenated batches.
+                total = _logits(root(*batch[0], **batch[1])).float().sum()
+                grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum"),
+                               cands)
     finally:
         if handle is not None:
             handle.remove()
@@ -246,27 +271,91 @@ def _replica_loss(root: nn.Module, batch: Batch) -> float:
     return float(replica_reduce([_loss(root, batch).detach()])[0])
 
 
-@torch.no_grad()
-def alpha_test_scores(root: nn.Module, batch: Batch, cands: list[Candidate], tolerance: float) -> torch.Tensor:
+def _smallest_kept_scale(cands: list[Candidate], attr_of, exceeds) -> torch.Tensor:
+    """Per candidate: the smallest scale a/10 (a = 0..10, binary search) at which ``exceeds()`` is false,
+    with the candidate's scale set under ``attr_of(candidate)`` (one candidate scaled at a time)."""
     scores = []
+    for c in cands:
+        scale = c.layer.__dict__.setdefault(attr_of(c), {})
+        lo, hi = 0, 10
+        try:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                scale[c.adapter] = mid / 10
+                if exceeds():
+                    lo = mid + 1
+                else:
+                    hi = mid
+        finally:
+            scale.pop(c.adapter, None)
+        scores.append(hi / 10)
+    return torch.tensor(scores, device=cands[0].a.device)
+
+
+@torch.no_grad()
+def alpha_test_delta_scores(root: nn.Module, batch: Batch, cands: list[Candidate], tolerance: float) -> torch.Tensor:
+    """Ours: scale ΔW x only; the training loss may rise by ``tolerance`` (relative)."""
     with all_switched_on(cands), scoring_pass(root, training=False):
         base = _replica_loss(root, batch)
         limit = base + tolerance * abs(base)
-        for c in cands:
-            scale = c.layer.__dict__.setdefault("_hetero_output_scale", {})
-            lo, hi = 0, 10
-            try:
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    scale[c.adapter] = mid / 10
-                    if _replica_loss(root, batch) > limit:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-            finally:
-                scale.pop(c.adapter, None)
-            scores.append(hi / 10)
-    return torch.tensor(scores, device=cands[0].a.device)
+        return _smallest_kept_scale(cands, lambda c: DELTA_SCALE_ATTR, lambda: _replica_loss(root, batch) > limit)
+
+
+def task_metric(root: nn.Module, batches: list[Batch], metric: str) -> float:
+    """Accuracy (argmax of the logits against the labels, over every example) or perplexity (exp of the
+    mean batch loss), as the authors' torchmetrics; counts are summed over data-parallel replicas."""
+    if metric == "perplexity":
+        losses = torch.stack([_loss(root, b).detach().float() for b in batches])
+        return float(torch.exp(replica_reduce([losses.mean()])[0]))
+    correct = total = None
+    for args, kwargs in batches:
+        labels = kwargs.get("labels")
+        if labels is None:
+            raise ValueError("HeteroLoRA alpha_test (accuracy): the batches must contain labels")
+        out = root(*args, **kwargs)
+        pred = _logits(out).argmax(-1)
+        hits = (pred.reshape(-1) == labels.to(pred.device).reshape(-1)).sum().float()
+        n = torch.tensor(float(labels.numel()), device=hits.device)
+        correct = hits if correct is None else correct + hits
+        total = n if total is None else total + n
+    correct, total = replica_reduce([correct, total], "sum")
+    return float(correct / total)
+
+
+@torch.no_grad()
+def alpha_test_scores(root: nn.Module, batches: list[Batch], cands: list[Candidate], tolerance: float,
+                      metric: str) -> torch.Tensor:
+    """The authors' alpha test: the smallest scale a/10 of the whole layer output (ΔS for a shortcut)
+    that keeps the task metric on ``batches`` within the tolerance."""
+    with all_switched_on(cands), scoring_pass(root, training=False):
+        base = task_metric(root, batches, metric)
+        if metric == "perplexity":  # the authors' threshold: larger impact required as perplexity falls
+            limit = base + tolerance / base
+            exceeds = lambda: task_metric(root, batches, metric) > limit  # noqa: E731
+        else:
+            limit = base - base * tolerance
+            exceeds = lambda: task_metric(root, batches, metric) < limit  # noqa: E731
+        return _smallest_kept_scale(cands, lambda c: LAYER_SCALE_ATTR if c.kind == "lora" else DELTA_SCALE_ATTR,
+                                    exceeds)
+
+
+# ----- weight gradient (ours) ---------------------------------------------------------------------
+def weight_grad_scores(root: nn.Module, batch: Batch, cands: list[Candidate]):
+    """``(‖Σ g xᵀ‖ per candidate, loss gradients of A/B)`` from one forward/backward pass."""
+    sinks = []
+    for c in cands:
+        sink = c.layer.__dict__.setdefault(WEIGHT_GRAD_ATTR, {})
+        sink[c.adapter] = None
+        sinks.append(sink)
+    try:
+        grads = loss_grads(root, batch, cands)
+        mats = [sink[c.adapter] if sink[c.adapter] is not None else torch.zeros(()) for sink, c in zip(sinks, cands)]
+    finally:
+        for sink, c in zip(sinks, cands):
+            sink.pop(c.adapter, None)
+    mats = replica_reduce(mats)  # mean over replicas: the gradient of the concatenated batches' mean loss
+    device = cands[0].a.device
+    return torch.stack([m.float().norm().to(device) for m in mats]), grads
 
 
 # ----- one batch, any proxy ---------------------------------------------------------------------
@@ -283,6 +372,9 @@ def score_batch(root: nn.Module, batch: Batch, cands: list[Candidate], proxy: st
     if proxy == "constant":
         zeros = torch.zeros(len(cands), device=device)
         return zeros, zeros
+    if proxy == "weight_grad_norm":
+        main, grads = weight_grad_scores(root, batch, cands)
+        return main, grad_norm_scores(cands, grads)
     if grads is None and proxy in ("grad_norm", "snip"):
         grads = loss_grads(root, batch, cands)
     fallback = grad_norm_scores(cands, grads) if grads is not None else None
@@ -290,10 +382,10 @@ def score_batch(root: nn.Module, batch: Batch, cands: list[Candidate], proxy: st
         return fallback, fallback
     if proxy == "snip":
         return snip_scores(cands, grads), fallback
-    if proxy == "synflow":
-        main = synflow_scores(root, batch, cands)
-    elif proxy == "alpha_test":
-        main = alpha_test_scores(root, batch, cands, tolerance)
+    if proxy in ("synflow", "synflow_logits"):
+        main = synflow_scores(root, batch, cands, with_labels=proxy == "synflow")
+    elif proxy == "alpha_test_delta":
+        main = alpha_test_delta_scores(root, batch, cands, tolerance)
     else:
         raise ValueError(f"proxy={proxy!r} is not allowed")
     if fallback is None and zero_score_fallback == "grad_norm" and not bool(main.any()):

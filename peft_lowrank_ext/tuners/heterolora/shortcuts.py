@@ -20,9 +20,22 @@ look-alike architectures work too):
 * post-LN BERT style (``attention.output.LayerNorm``, ``intermediate``, ``output.LayerNorm``;
   RoBERTa, MiniLM, ...): ``h_a`` is the input of ``attention``, ``h_f`` the output of the first
   LayerNorm; the deltas are added to the inputs of the two LayerNorms (i.e. inside the residual sum,
-  before normalisation, as the residual itself).
+  before normalisation, as the residual itself);
+* OPT (``self_attn_layer_norm``, ``self_attn``, ``final_layer_norm``, ``fc1``, ``fc2``), told apart by
+  the block's ``do_layer_norm_before``. ``h_a`` is the block input in both variants. Post-LN
+  (OPT-350M): ``h_f`` is the output of ``self_attn_layer_norm``, the deltas are added to the inputs
+  of ``self_attn_layer_norm`` and ``final_layer_norm`` (inside the residual sum, as for BERT). Pre-LN
+  (the other OPT sizes): ``h_f`` is the input of ``final_layer_norm``, the deltas are added to the
+  outputs of ``self_attn`` and ``fc2`` — so in training they pass the block's dropout, as the
+  attention / FFN outputs do. OPT's FFN works on a flattened ``(tokens, hidden)`` view: deltas are
+  reshaped to the shape they join.
 
-Other layouts (e.g. Gemma-2's extra norms, OPT, T5) raise a ``ValueError`` at wrap time.
+  The authors' OPT code (``modeling_opt_lora_ags.py``) instead adds ``shortcut_ffn`` / ``shortcut_sa``
+  *after* the block's post-attention / final LayerNorm and applies that same LayerNorm a second time
+  (``LN(ΔS h + LN(z))``), which changes the base model even when ΔS = 0. Here a zero shortcut leaves
+  the model exactly unchanged (tested); the authors' double LayerNorm is not offered.
+
+Other layouts (e.g. Gemma-2's extra norms, T5) raise a ``ValueError`` at wrap time.
 
 With reentrant gradient checkpointing the recomputed block sees the previous block's ``h_f`` as a
 constant, so no gradient flows back through ``shortcut_ffn`` into the previous block (its own
@@ -57,11 +70,14 @@ class BlockStyle:
     ffn_out: tuple[str, str]
     required: tuple[str, ...] = ()
     forbidden: tuple[str, ...] = ()
+    layer_norm_before: Optional[bool] = None  # OPT: must equal the block's ``do_layer_norm_before``
 
     def paths(self) -> tuple[str, ...]:
         return (self.attn_in[0], self.attn_out[0], self.ffn_in[0], self.ffn_out[0]) + self.required
 
     def matches(self, block: nn.Module) -> bool:
+        if self.layer_norm_before is not None and getattr(block, "do_layer_norm_before", None) is not self.layer_norm_before:
+            return False
         return all(_has(block, p) for p in self.paths()) and not any(_has(block, p) for p in self.forbidden)
 
 
@@ -71,6 +87,11 @@ STYLES = (
                ("mlp", "out"), forbidden=("pre_feedforward_layernorm", "post_feedforward_layernorm")),
     BlockStyle("bert", ("attention", "in"), ("attention.output.LayerNorm", "in"),
                ("attention.output.LayerNorm", "out"), ("output.LayerNorm", "in"), required=("intermediate",)),
+    # "" is the block itself: its first input is h_a
+    BlockStyle("opt_pre_ln", ("", "in"), ("self_attn", "out"), ("final_layer_norm", "in"), ("fc2", "out"),
+               required=("self_attn_layer_norm", "fc1"), layer_norm_before=True),
+    BlockStyle("opt_post_ln", ("", "in"), ("self_attn_layer_norm", "in"), ("self_attn_layer_norm", "out"),
+               ("final_layer_norm", "in"), required=("self_attn", "fc1", "fc2"), layer_norm_before=False),
 )
 
 
@@ -92,7 +113,8 @@ def find_blocks(root: nn.Module) -> tuple[str, list[nn.Module], BlockStyle]:
     raise ValueError(
         f"HeteroLoraConfig.shortcuts is not supported for {type(root).__name__}: no list of transformer blocks with "
         "a known layout was found (supported: GPT-2 style ln_1/attn/ln_2/mlp, Llama style input_layernorm/self_attn/"
-        "post_attention_layernorm/mlp, BERT style attention.output.LayerNorm/intermediate/output.LayerNorm). "
+        "post_attention_layernorm/mlp, BERT style attention.output.LayerNorm/intermediate/output.LayerNorm, OPT "
+        "self_attn_layer_norm/self_attn/final_layer_norm/fc1/fc2, pre- or post-LN). "
         "Use shortcuts=None for this model."
     )
 
@@ -123,11 +145,18 @@ def _replace_first(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tupl
     return args, {**kwargs, key: value}
 
 
+def _fit(delta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """OPT's FFN runs on a flattened (tokens, hidden) view of the (batch, seq, hidden) stream."""
+    if delta.shape == like.shape or delta.numel() != like.numel():  # (a 0-dim DDP tie broadcasts)
+        return delta
+    return delta.reshape(like.shape)
+
+
 def _add_to_output(output, delta: torch.Tensor):
     if torch.is_tensor(output):
-        return output + delta
+        return output + _fit(delta, output).to(output.dtype)
     if isinstance(output, tuple):
-        return (output[0] + delta,) + tuple(output[1:])
+        return (output[0] + _fit(delta, output[0]).to(output[0].dtype),) + tuple(output[1:])
     raise TypeError(f"HeteroLoRA shortcut: cannot add to a module output of type {type(output).__name__}")
 
 
@@ -172,7 +201,7 @@ class BlockTap:
                 if delta is None:
                     return None
                 x = _first(args, kwargs)
-                return _replace_first(args, kwargs, x + delta.to(x.dtype))
+                return _replace_first(args, kwargs, x + _fit(delta, x).to(x.dtype))
             self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         else:
             def hook(mod, args, output):
@@ -187,7 +216,7 @@ class BlockTap:
         out = None
         for t in terms:
             if t is not None:
-                out = t if out is None else out + t
+                out = t if out is None else out + _fit(t, out)
         return out
 
     def _apply(self, kind: str, h: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
