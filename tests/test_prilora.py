@@ -27,7 +27,9 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from peft_lowrank_ext import PriLoraConfig, export_lora, prilora_ranks, prilora_sparsity, prilora_step
-from peft_lowrank_ext.tuners.prilora import PriLoraLayer, importance, linear_ranks, prune_mask, scheduled_sparsity
+from peft_lowrank_ext.tuners.prilora import (PriLoraLayer, PriLoraScheduleCallback, importance, linear_ranks,
+                                             prune_mask, resolve_schedule, scheduled_sparsity,
+                                             set_prilora_total_steps)
 from peft_lowrank_ext.tuners.prilora.model import prilora_post_step
 from models import MINILM, TINY_MODELS, VOCAB
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
@@ -215,6 +217,10 @@ def test_error_when_no_block_index():
         ("prune_every", 0, r"integer in \[1, inf\]"),
         ("prune_start", -1, r"integer in \[0, inf\]"),
         ("prune_end", -1, r"integer in \[0, inf\]"),
+        ("prune_start_fraction", 1.5, r"\[0.0, 1.0\]"),
+        ("prune_end_fraction", -0.1, r"\[0.0, 1.0\]"),
+        ("prune_every_fraction", 0.0, r"\(0.0, 1.0\]"),
+        ("total_steps", 0, r"integer in \[1, inf\]"),
         ("ema_beta", 1.0, r"\[0.0, 1.0\)"),
         ("ema_beta", -0.5, r"\[0.0, 1.0\)"),
         ("ema_beta", float("nan"), r"\[0.0, 1.0\)"),
@@ -269,8 +275,8 @@ def test_importance_and_mask_against_hand_computation():
 
 
 def test_schedule_values():
-    cubic = PriLoraConfig(prune_start=10, prune_end=20, final_sparsity=0.8)
-    linear = PriLoraConfig(prune_start=10, prune_end=20, final_sparsity=0.8, sparsity_schedule="linear")
+    cubic = PriLoraConfig(prune_start=10, prune_end=20, prune_every=1, final_sparsity=0.8)
+    linear = PriLoraConfig(prune_start=10, prune_end=20, prune_every=1, final_sparsity=0.8, sparsity_schedule="linear")
     for step, c, lin in [(0, 0.0, 0.0), (10, 0.0, 0.0), (15, 0.8 * (1 - 0.5**3), 0.4), (20, 0.8, 0.8),
                          (100, 0.8, 0.8)]:
         assert scheduled_sparsity(cubic, step) == pytest.approx(c)
@@ -290,12 +296,13 @@ def test_plain_loop_reaches_scheduled_sparsity():
 
 
 class _Recorder(TrainerCallback):
-    def __init__(self):
+    def __init__(self, **schedule):
         self.seen = []
+        self.schedule = schedule
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.seen.append((state.global_step, prilora_step(model), prilora_sparsity(model),
-                          expected_module_sparsity(model, state.global_step)))
+                          expected_module_sparsity(model, state.global_step, **self.schedule)))
 
 
 def _args(tmp_path, cls=TrainingArguments, **extra):
@@ -449,7 +456,7 @@ def test_export_lora_of_pruned_adapter_is_exact_standard_lora(tmp_path):
     model = _pruned_model()
     inputs = LLAMA.inputs()
     expected = model(**inputs).logits
-    lora_config = export_lora(model, tmp_path)
+    lora_config = export_lora(model, tmp_path, layout="compact")  # per-module ranks in rank_pattern
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA"
     ranks = prilora_ranks(model)
@@ -558,3 +565,195 @@ def test_data_parallel_replicas_take_identical_decisions(tmp_path, broadcast_buf
     ema = next(t for n, t in states[0].items() if n.endswith("layers.0.proj.prilr_in_sq_ema.default"))
     assert ema.min() > 1.0
     _assert_same_state(states[0], states[1])
+
+
+# ----- the schedule relative to the run ---------------------------------------------------------------
+def test_schedule_fractions_resolve_against_the_run_length():
+    default = PriLoraConfig()
+    assert (default.prune_start, default.prune_end, default.prune_every) == (None, None, None)
+    assert resolve_schedule(default, 100) == (0, 80, 2)  # 0.0, 0.8, 0.02 of the run
+    assert resolve_schedule(default, 7) == (0, 6, 1)  # 0.8·7 = 5.6 -> 6; spacing at least one step
+    assert resolve_schedule(default, 1000) == (0, 800, 20)
+    custom = PriLoraConfig(prune_start_fraction=0.25, prune_end_fraction=0.5, prune_every_fraction=0.1)
+    assert resolve_schedule(custom, 40) == (10, 20, 4)
+    # Absolute fields win over the fraction they replace; all three absolute need no run length.
+    assert resolve_schedule(PriLoraConfig(prune_end=50), 100) == (0, 50, 2)
+    assert resolve_schedule(PriLoraConfig(prune_start=3, prune_end=9, prune_every=2), None) == (3, 9, 2)
+    # The start fraction 0 needs no run length either, but the end does.
+    with pytest.raises(ValueError, match=r"total optimizer steps are unknown.*PriLoraScheduleCallback.*total_steps"):
+        resolve_schedule(PriLoraConfig(prune_every=2), None)
+    # Both forms of one quantity: only with total_steps, and only when they agree.
+    with pytest.raises(ValueError, match=r"PriLoraConfig\.prune_end=80 is not allowed.*not both"):
+        PriLoraConfig(prune_end=80, prune_end_fraction=0.8)
+    assert resolve_schedule(PriLoraConfig(prune_end=80, prune_end_fraction=0.8, total_steps=100), None) == (0, 80, 2)
+    with pytest.raises(ValueError, match=r"prune_end=70 is not allowed.*None or 80"):
+        PriLoraConfig(prune_end=70, prune_end_fraction=0.8, total_steps=100)
+    # A final step beyond the run, a ramp ending before it starts, and two run lengths are refused.
+    with pytest.raises(ValueError, match=r"prune_end=1000 is not allowed.*\[0, 200\].*never be reached"):
+        PriLoraConfig(prune_end=1000, total_steps=200)
+    with pytest.raises(ValueError, match=r"prune_end_fraction=0.2 is not allowed.*\[0.5, 1.0\]"):
+        PriLoraConfig(prune_start_fraction=0.5, prune_end_fraction=0.2)
+    with pytest.raises(ValueError, match=r"prune_end=160 is not allowed; prune_end must be an integer in \[300, inf\]"):
+        PriLoraConfig(prune_start=300, total_steps=200)
+    with pytest.raises(ValueError, match=r"total_steps=100 is not allowed.*None or 50"):
+        resolve_schedule(PriLoraConfig(total_steps=100), 50)
+    # A saved config (fractions and total) loads back with the same schedule.
+    assert scheduled_sparsity(PriLoraConfig(total_steps=10), 4) == pytest.approx(0.5 * (1 - (1 - 4 / 8) ** 3))
+
+
+def test_plain_loop_with_total_steps_reaches_final_sparsity_at_the_fraction():
+    # total_steps=5: end round(0.8·5) = 4, spacing max(1, round(0.1)) = 1.
+    model = get_peft_model(LLAMA.build(), llama_config(prune_every=None, prune_start=None, prune_end=None,
+                                                       total_steps=5))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(1, 6):
+        _lm_step(model, opt, seed=step)
+        assert prilora_sparsity(model) == pytest.approx(expected_module_sparsity(model, step, end=4, every=1))
+    assert min(prilora_sparsity(model).values()) > 0.4  # final_sparsity 0.5 reached (floor per row)
+
+
+def test_plain_loop_without_run_length_raises_at_the_first_step_and_setter_fixes_it():
+    model = get_peft_model(LLAMA.build(), llama_config(prune_every=None, prune_start=None, prune_end=None))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    before = _state(model)
+    inputs = LLAMA.inputs()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    with pytest.raises(ValueError, match=r"PRILoRA: the pruning schedule is relative to the run.*"
+                                         r"PriLoraScheduleCallback.*total_steps=N.*set_prilora_total_steps"):
+        opt.step()
+    after = _state(model)
+    assert all(torch.equal(after[n], before[n]) for n in before if "step" in n or "in_sq_ema" in n)
+    with pytest.raises(ValueError, match=r"set_prilora_total_steps\.total_steps=0 is not allowed"):
+        set_prilora_total_steps(model, 0)
+    with pytest.raises(ValueError, match=r"prune_end"):  # contradicts an absolute step of the config
+        set_prilora_total_steps(get_peft_model(LLAMA.build(), llama_config(prune_end=10)), 5)
+    set_prilora_total_steps(model, 5)
+    opt.zero_grad()
+    for step in range(1, 6):
+        _lm_step(model, opt, seed=step)
+        assert prilora_sparsity(model) == pytest.approx(expected_module_sparsity(model, step, end=4, every=1))
+
+
+def test_hf_trainer_schedule_from_max_steps_with_default_arguments(tmp_path):
+    # Default TrainingArguments optimizer (fused AdamW where available) and max_grad_norm=1.0; max_steps=5.
+    recorder = _Recorder(end=4, every=1)
+    model = get_peft_model(LLAMA.build(), llama_config(prune_every=None, prune_start=None, prune_end=None))
+    Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2), train_dataset=lm_dataset(48),
+            callbacks=[PriLoraScheduleCallback(), recorder]).train()
+    _check_recorded(recorder)
+
+
+def test_hf_trainer_without_run_length_fails_clearly(tmp_path):
+    model = get_peft_model(LLAMA.build(), llama_config(prune_every=None, prune_start=None, prune_end=None))
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=lm_dataset(24))
+    with pytest.raises(ValueError, match=r"total optimizer steps are unknown.*PriLoraScheduleCallback"):
+        trainer.train()
+
+
+def test_trl_sft_trainer_schedule_from_max_steps(tmp_path):
+    recorder = _Recorder(end=4, every=1)
+    config = llama_config(prune_every=None, prune_start=None, prune_end=None)
+    trainer = SFTTrainer(model=LLAMA.build(), args=_args(tmp_path, SFTConfig, max_length=16),
+                         train_dataset=text_dataset(24), processing_class=make_tokenizer(), peft_config=config,
+                         callbacks=[PriLoraScheduleCallback(), recorder])
+    trainer.train()
+    _check_recorded(recorder)
+
+
+# ----- padding is not data ----------------------------------------------------------------------------
+class _Parallel(nn.Module):
+    """Two blocks ``layers.N.proj`` that both read the model input, with an ``attention_mask`` argument."""
+
+    def __init__(self, width=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Module() for _ in range(2))
+        for block in self.layers:
+            block.proj = nn.Linear(width, width)
+
+    def forward(self, x, attention_mask=None):
+        return sum(block.proj(x) for block in self.layers)
+
+
+def _parallel_model(beta=0.5):
+    torch.manual_seed(0)
+    config = PriLoraConfig(r_first=2, r_last=2, target_modules=["proj"], init_weights=False, ema_beta=beta,
+                           prune_start=100, prune_end=100, prune_every=100)
+    return get_peft_model(_Parallel(), config).train()
+
+
+def _emas(model):
+    return {n: layer._store("in_sq_ema")["default"].clone() for n, layer in _layers(model)}
+
+
+def test_padding_rows_are_left_out_of_the_statistics_exactly():
+    beta = 0.5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (2, 5, 4), generator=gen).float()  # integers: every sum is exact in fp32
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    padded = x.clone()
+    padded[mask == 0] = 37.0  # padding values that would dominate the statistics
+    real = x[mask == 1][None]  # the same tokens without padding: (1, 7, 4)
+
+    results = []
+    for inputs, kwargs in ((padded, {"attention_mask": mask}), (real, {}),
+                           (padded, {"attention_mask": mask.bool()}), (padded, {})):
+        model = _parallel_model(beta)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        model(inputs, **kwargs).sum().backward()
+        opt.step()
+        results.append(_emas(model))
+    masked, unpadded, masked_bool, unmasked = results
+    expected = (1 - beta) * real[0].double().pow(2).mean(0)  # by hand, from the real tokens only
+    for name in masked:
+        assert torch.equal(masked[name], unpadded[name]), name
+        assert torch.equal(masked_bool[name], unpadded[name]), name
+        torch.testing.assert_close(masked[name].double(), expected, rtol=1e-6, atol=0)
+        # Without a mask every row counts (the padding value 37 shows up).
+        torch.testing.assert_close(unmasked[name].double(), (1 - beta) * padded.reshape(-1, 4).double().pow(2).mean(0),
+                                   rtol=1e-6, atol=0)
+
+
+def test_mask_applies_only_to_inputs_of_the_masks_shape_and_positional_masks_work():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 4, (2, 3, 4), generator=gen).float()
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # Positional attention_mask (the model's forward signature names it).
+    model = _parallel_model()
+    model(x, mask).sum().backward()
+    layer = _layers(model)[0][1]
+    total, tokens = layer.pending_statistics()["default"]
+    assert int(tokens) == 3
+    assert torch.equal(total, x[mask == 1].pow(2).sum(0))
+    # A layer input whose leading dims are not the mask's [batch, seq] counts every row.
+    model = _parallel_model()
+    flat = x.reshape(6, 4)
+    model(flat, attention_mask=mask).sum().backward()
+    total, tokens = _layers(model)[0][1].pending_statistics()["default"]
+    assert tokens == 6 and torch.equal(total, flat.pow(2).sum(0))
+
+
+def test_llama_statistics_exclude_padding_through_peft_and_checkpointing():
+    beta = 0.75
+    for checkpointing in (False, True):
+        model = get_peft_model(LLAMA.build(), llama_config(ema_beta=beta, prune_start=100, prune_end=100))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = dict(_layers(model))
+        seen = {name: [] for name in layers}
+        for name, layer in layers.items():
+            layer.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach().clone())
+                                            if mod.training and torch.is_grad_enabled() else None)
+        inputs = LLAMA.inputs(batch=3, seq=6, seed=4)
+        inputs["attention_mask"] = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        keep = inputs["attention_mask"].reshape(-1) == 1
+        for name, layer in layers.items():
+            xs = torch.cat([x.reshape(-1, x.shape[-1])[keep] for x in seen[name]]).double()
+            assert xs.shape[0] == 12 * len(seen[name])  # 12 real tokens per pass (twice with checkpointing)
+            expected = (1 - beta) * xs.pow(2).mean(0)
+            torch.testing.assert_close(layer._store("in_sq_ema")["default"].double(), expected, rtol=1e-5, atol=1e-7)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -171,6 +172,42 @@ def test_config_is_cheap_and_the_fingerprint_is_filled_in_and_checked_when_wrapp
     wrong = RLoraConfig(r=2, intrinsic_dim=8, target_modules=["q_proj"], projection_fingerprint="0123456789abcdef")
     with pytest.raises(ValueError, match="projection_fingerprint='0123456789abcdef' is not allowed"):
         get_peft_model(case.build(), wrong)
+
+
+def test_generator_change_at_larger_sizes_only_is_caught_on_load(tmp_path, monkeypatch):
+    from peft_lowrank_ext.tuners.rlora.projection import projection_fingerprint
+
+    case = TINY_MODELS["llama"]
+    # q_proj is 32x32 at r=2: D = 128, a Hadamard length of 128; the legacy fingerprint regenerates length 64 only.
+    model = get_peft_model(case.build(), RLoraConfig(r=2, intrinsic_dim=8, target_modules=["q_proj", "v_proj"],
+                                                     init_weights=False))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{16}", saved["projection_sizes_fingerprint"])
+    legacy = projection_fingerprint(0)
+    PeftModel.from_pretrained(case.build(), tmp_path)  # the same install loads it
+
+    original = torch.randperm
+
+    def changed_randperm(n, *args, **kwargs):  # a "new torch" whose permutations differ above length 64
+        perm = original(n, *args, **kwargs)
+        return perm.flip(0) if n > 64 else perm
+
+    monkeypatch.setattr(torch, "randperm", changed_randperm)
+    assert projection_fingerprint(0) == legacy  # the single length-64 fingerprint cannot see the change
+    with pytest.raises(ValueError, match=r"RLoraConfig\.projection_sizes_fingerprint='[0-9a-f]{8}-[0-9a-f]{16}' is not allowed.*"
+                                         r"different random generator at the sizes this adapter uses"):
+        PeftModel.from_pretrained(case.build(), tmp_path)
+    monkeypatch.undo()
+
+    # An adapter saved before the field existed still loads (checked by the legacy fingerprint) and is filled in.
+    del saved["projection_sizes_fingerprint"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
+    old = PeftModel.from_pretrained(case.build(), tmp_path)
+    assert old.peft_config["default"].projection_sizes_fingerprint == \
+        model.peft_config["default"].projection_sizes_fingerprint
+    with pytest.raises(ValueError, match="projection_sizes_fingerprint='x' is not allowed"):
+        RLoraConfig(projection_ratio=0.1, projection_sizes_fingerprint="x")
 
 
 def test_noise_injection_only_in_training_and_sigma_learns():

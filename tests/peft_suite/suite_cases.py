@@ -30,7 +30,8 @@ METHOD_OF_CLASS = {cls: name for name, cls in CONFIG_CLASSES.items()}
 CUSTOM_METHOD_KWARGS = {
     "rlora": {"r": 2, "projection_ratio": 0.5},
     "autolora": {"r": 4},
-    "prilora": {"r_first": 2, "r_last": 4, "block_index_pattern": r"(?:lin|conv)(\d)", "num_blocks": 2},
+    "prilora": {"r_first": 2, "r_last": 4, "block_index_pattern": r"(?:lin|conv)(\d)", "num_blocks": 2,
+                "total_steps": 10},  # the pruning schedule is fractions of the run: PEFT's tests train a few steps
     # budget 1.0 keeps every candidate: the allocation is made at wrap time (no scoring window), so the adapter
     # trains from the first step like the other methods. HETEROLORA_SWITCHING below covers switched-off modules.
     "heterolora": {"r": 4, "budget": 1.0},
@@ -38,7 +39,7 @@ CUSTOM_METHOD_KWARGS = {
 TRANSFORMERS_METHOD_KWARGS = {
     "rlora": {"r": 4, "projection_ratio": 0.25},
     "autolora": {"r": 4, "phase": "selected"},  # see custom_cases
-    "prilora": {"r_first": 2, "r_last": 4},
+    "prilora": {"r_first": 2, "r_last": 4, "total_steps": 10},
     "heterolora": {"r": 4, "budget": 1.0},
 }
 # HeteroLoRA with half the candidates switched off (constant proxy: allocated at wrap time).

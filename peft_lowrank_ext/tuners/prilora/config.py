@@ -13,6 +13,9 @@ from .._base.config import LowRankPeftConfig
 
 SCHEDULES = ("cubic", "linear")
 DEFAULT_R_FIRST, DEFAULT_R_LAST = 4, 12
+# The schedule as fractions of the run [ours]: start at once (the cubic ramp prunes little early on), reach
+# final_sparsity at 80% so the last fifth trains at the final mask, one event per 2% (~40 gradual events).
+DEFAULT_PRUNE_START_FRACTION, DEFAULT_PRUNE_END_FRACTION, DEFAULT_PRUNE_EVERY_FRACTION = 0.0, 0.8, 0.02
 
 
 @dataclass
@@ -36,6 +39,14 @@ class PriLoraConfig(LowRankPeftConfig):
     The schedule ramps from 0 at ``prune_start`` to ``final_sparsity`` at ``prune_end`` (cubic,
     Zhu & Gupta 2017, or linear). The pruning rule and its defaults are our reconstruction, not
     values read from the paper.
+
+    **Schedule relative to the run [ours].** Start, end and spacing are fractions of the run's total
+    optimizer steps (defaults 0.0, 0.8, 0.02), so short and long runs both reach ``final_sparsity``
+    at the same point of training. The total comes from ``total_steps``, from
+    ``PriLoraScheduleCallback`` (Trainer / SFTTrainer: ``state.max_steps``) or from
+    ``set_prilora_total_steps``; absolute ``prune_start`` / ``prune_end`` / ``prune_every`` override
+    their fraction (all three absolute: no total needed). Without a total where one is needed, the
+    first optimizer step raises an error saying how to give it.
     """
 
     r_first: Optional[int] = field(default=None, metadata={"help": "Rank of the first block (default 4)."})
@@ -59,9 +70,27 @@ class PriLoraConfig(LowRankPeftConfig):
         default=None, metadata={"help": "Number of blocks L; None reads it from the model (length of the block list)."}
     )
     ema_beta: float = field(default=0.9, metadata={"help": "EMA constant β of the input statistics, in [0, 1)."})
-    prune_every: int = field(default=50, metadata={"help": "Optimizer steps between pruning events, >= 1."})
-    prune_start: int = field(default=0, metadata={"help": "Step at which the sparsity ramp starts (sparsity 0 there)."})
-    prune_end: int = field(default=1000, metadata={"help": "Step at which final_sparsity is reached, >= prune_start."})
+    prune_start_fraction: Optional[float] = field(
+        default=None, metadata={"help": "Where the sparsity ramp starts, as a fraction of the run's total steps, in "
+                                        "[0, 1] (None: 0.0)."})
+    prune_end_fraction: Optional[float] = field(
+        default=None, metadata={"help": "Where final_sparsity is reached, as a fraction of the run's total steps, in "
+                                        "[0, 1] and >= the start (None: 0.8)."})
+    prune_every_fraction: Optional[float] = field(
+        default=None, metadata={"help": "Distance between pruning events, as a fraction of the run's total steps, in "
+                                        "(0, 1] (None: 0.02, at least one step)."})
+    total_steps: Optional[int] = field(
+        default=None, metadata={"help": "Optimizer steps of the run, to turn the fractions into steps. None: read "
+                                        "from Trainer/SFTTrainer by PriLoraScheduleCallback, or given by "
+                                        "set_prilora_total_steps(model, n)."})
+    prune_start: Optional[int] = field(
+        default=None, metadata={"help": "Absolute override of prune_start_fraction: step at which the ramp starts."})
+    prune_end: Optional[int] = field(
+        default=None, metadata={"help": "Absolute override of prune_end_fraction: step at which final_sparsity is "
+                                        "reached."})
+    prune_every: Optional[int] = field(
+        default=None, metadata={"help": "Absolute override of prune_every_fraction: optimizer steps between pruning "
+                                        "events, >= 1."})
     final_sparsity: float = field(
         default=0.5, metadata={"help": "Fraction of each row of A masked from prune_end on, in [0, 1)."}
     )
@@ -93,15 +122,44 @@ class PriLoraConfig(LowRankPeftConfig):
         if self.num_blocks is not None:
             check_int(owner, "num_blocks", self.num_blocks, minimum=1)
         check_real(owner, "ema_beta", self.ema_beta, low=0.0, high=1.0, high_open=True)
-        check_int(owner, "prune_every", self.prune_every, minimum=1)
-        check_int(owner, "prune_start", self.prune_start, minimum=0)
-        check_int(owner, "prune_end", self.prune_end, minimum=0)
-        if self.prune_end < self.prune_start:
-            _fail(owner, "prune_end", self.prune_end,
-                  f"an integer in [{self.prune_start}, inf] (prune_end >= prune_start)")
+        self._check_schedule(owner)
         check_real(owner, "final_sparsity", self.final_sparsity, low=0.0, high=1.0, high_open=True)
         check_choice(owner, "sparsity_schedule", self.sparsity_schedule, SCHEDULES)
         check_bool(owner, "regrow", self.regrow)
+
+    def _check_schedule(self, owner: str) -> None:
+        """Each schedule quantity given as a fraction of the run or as an absolute step, not contradicting."""
+        from .pruning import resolve_schedule
+
+        if self.total_steps is not None:
+            check_int(owner, "total_steps", self.total_steps, minimum=1)
+        for name in ("prune_start_fraction", "prune_end_fraction"):
+            if getattr(self, name) is not None:
+                check_real(owner, name, getattr(self, name), low=0.0, high=1.0)
+        if self.prune_every_fraction is not None:
+            check_real(owner, "prune_every_fraction", self.prune_every_fraction, low=0.0, high=1.0, low_open=True)
+        if self.prune_start is not None:
+            check_int(owner, "prune_start", self.prune_start, minimum=0)
+        if self.prune_end is not None:
+            check_int(owner, "prune_end", self.prune_end, minimum=0)
+        if self.prune_every is not None:
+            check_int(owner, "prune_every", self.prune_every, minimum=1)
+        start_f = DEFAULT_PRUNE_START_FRACTION if self.prune_start_fraction is None else self.prune_start_fraction
+        end_f = DEFAULT_PRUNE_END_FRACTION if self.prune_end_fraction is None else self.prune_end_fraction
+        if end_f < start_f:
+            _fail(owner, "prune_end_fraction", self.prune_end_fraction,
+                  f"a finite number in [{start_f}, 1.0] (prune_end_fraction >= prune_start_fraction)")
+        for absolute in ("prune_start", "prune_end", "prune_every"):
+            fraction = absolute + "_fraction"
+            if getattr(self, absolute) is not None and getattr(self, fraction) is not None and self.total_steps is None:
+                _fail(owner, absolute, getattr(self, absolute),
+                      f"None when {fraction}={getattr(self, fraction)!r} is given (give the step or the fraction of "
+                      "the run, not both; both are accepted only with total_steps, when they agree)")
+        if self.prune_start is not None and self.prune_end is not None and self.prune_end < self.prune_start:
+            _fail(owner, "prune_end", self.prune_end,
+                  f"an integer in [{self.prune_start}, inf] (prune_end >= prune_start)")
+        if self.total_steps is not None:
+            resolve_schedule(self, self.total_steps, owner=owner)
 
     def _resolve_ranks(self, owner: str) -> None:
         """Exactly one way of giving the ranks; afterwards all four fields are filled and consistent."""

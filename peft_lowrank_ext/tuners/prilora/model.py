@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .._base.tuner import adapter_layers
 from ..gated.model import GatedTuner
@@ -13,8 +14,8 @@ from ...runtime.distributed import distributed_active
 from ...runtime.step_hooks import register_step_callbacks
 from .config import PriLoraConfig
 from .depth import block_position, linear_rank
-from .layer import PriLoraLayer, PriLoraLinear
-from .pruning import is_prune_step
+from .layer import PriLoraLayer, PriLoraLinear, install_token_mask
+from .pruning import Schedule, ramp_fraction, resolve_schedule
 
 
 class PriLoraModel(GatedTuner):
@@ -47,6 +48,13 @@ class PriLoraModel(GatedTuner):
             target_modules=target_modules, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
             bias="none")
 
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        """The shared layer swap, then the layer reads the adapted model's attention mask (``TokenMask``)."""
+        super()._create_and_replace(config, adapter_name, target, target_name, parent, current_key, **kwargs)
+        layer = getattr(parent, target_name)
+        if isinstance(layer, PriLoraLayer):
+            layer.set_token_mask(install_token_mask(self.model))
+
     def _post_injection_hook(self, model: nn.Module, config: PriLoraConfig, adapter_name: str) -> None:
         register_step_callbacks(model, "prilora_prune", post=prilora_post_step)
 
@@ -67,13 +75,30 @@ def _all_reduce_pending(entries: list[tuple[PriLoraLayer, str]]) -> None:
         total, tokens = layer.pending_statistics().get(adapter, (None, 0))
         if total is None:
             total = torch.zeros(layer.in_features)
-        parts += [total.to(device, torch.float64), torch.tensor([float(tokens)], dtype=torch.float64, device=device)]
+        tokens = (tokens.reshape(1).to(device, torch.float64) if torch.is_tensor(tokens)
+                  else torch.tensor([float(tokens)], dtype=torch.float64, device=device))
+        parts += [total.to(device, torch.float64), tokens]
     flat = torch.cat(parts)
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     ends = torch.tensor([layer.in_features + 1 for layer, _ in entries]).cumsum(0)
     counts = flat[(ends - 1).to(device)].tolist()  # one device sync for all token counts
     for (layer, adapter), end, tokens in zip(entries, ends.tolist(), counts):
         layer.pending_statistics()[adapter] = [flat[end - 1 - layer.in_features: end - 1].float(), int(tokens)]
+
+
+def _schedules(entries: list[tuple[PriLoraLayer, str]]) -> list[Schedule]:
+    """Each entry's schedule in steps (one resolution per config and run length); raises before any state changes
+    when the run's length is needed and unknown."""
+    resolved: dict[tuple[int, int | None], Schedule] = {}
+    out = []
+    for layer, adapter in entries:
+        config = layer._store("config")[adapter]
+        total = layer.__dict__.get(_TOTAL_ATTR)
+        key = (id(config), total)
+        if key not in resolved:
+            resolved[key] = resolve_schedule(config, total)
+        out.append(resolved[key])
+    return out
 
 
 @torch.no_grad()
@@ -83,15 +108,57 @@ def prilora_post_step(root: nn.Module, optimizer: torch.optim.Optimizer | None =
     entries = _training_entries(root)
     if not entries:
         return
+    schedules = _schedules(entries)
     _all_reduce_pending(entries)
     for layer, adapter in entries:
         layer.commit_statistics(adapter, layer._store("config")[adapter].ema_beta)
         layer._store("step")[adapter].add_(1)
     device = entries[0][0]._store("step")[entries[0][1]].device
     steps = torch.stack([layer._store("step")[a].to(device) for layer, a in entries]).tolist()  # one sync
-    for (layer, adapter), step in zip(entries, steps):
-        if is_prune_step(layer._store("config")[adapter], step):
-            layer.prune(adapter, step)
+    for (layer, adapter), step, (start, end, every) in zip(entries, steps, schedules):
+        if step >= start and ((step - start) % every == 0 or step == max(end, 1)):
+            layer.prune(adapter, step, _sparsity(layer._store("config")[adapter], step, start, end))
+
+
+def _sparsity(config, step: int, start: int, end: int) -> float:
+    p = ramp_fraction(step, start, end)
+    if config.sparsity_schedule == "linear":
+        return config.final_sparsity * p
+    return config.final_sparsity * (1.0 - (1.0 - p) ** 3)
+
+
+# ----- the run's length ---------------------------------------------------------------------------
+_TOTAL_ATTR = "_prilora_total_steps"
+
+
+def set_prilora_total_steps(model: nn.Module, total_steps: int) -> None:
+    """Tell the PRILoRA layers of ``model`` how many optimizer steps the run has, so that schedule fractions
+    (``prune_*_fraction``) become steps. Raises ``ValueError`` if that contradicts an adapter's config."""
+    from .._base.checks import check_int
+
+    check_int("set_prilora_total_steps", "total_steps", total_steps, minimum=1)
+    layers = [m for m in model.modules() if isinstance(m, PriLoraLayer)]
+    if not layers:
+        raise ValueError("set_prilora_total_steps: model has no PRILoRA layers")
+    for layer in layers:
+        for config in layer._store("config").values():
+            resolve_schedule(config, total_steps)
+    for layer in layers:
+        layer.__dict__[_TOTAL_ATTR] = int(total_steps)
+
+
+class PriLoraScheduleCallback(TrainerCallback):
+    """``Trainer`` / ``SFTTrainer`` callback: the run's ``state.max_steps`` becomes PRILoRA's total steps.
+
+    Use ``callbacks=[PriLoraScheduleCallback()]``; without it (or ``total_steps`` / absolute steps) the first
+    optimizer step raises, since a schedule relative to an unknown run length cannot be followed.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or not state.max_steps or state.max_steps < 1:
+            raise ValueError(f"PriLoraScheduleCallback: the trainer gave model={type(model).__name__} and "
+                             f"max_steps={state.max_steps!r}; a model and max_steps >= 1 are needed")
+        set_prilora_total_steps(model, int(state.max_steps))
 
 
 # ----- inspection -------------------------------------------------------------------------------

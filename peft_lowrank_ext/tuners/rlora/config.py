@@ -10,7 +10,7 @@ from peft.utils import PeftType
 
 from .._base.checks import MAX_CONFIG_RANK, _fail, check_bool, check_choice, check_int, check_real
 from .._base.config import LowRankPeftConfig
-from .projection import FINGERPRINT_PATTERN, PROJECTION_VERSION
+from .projection import FINGERPRINT_PATTERN, PROJECTION_VERSION, SIZES_FINGERPRINT_PATTERN
 
 PAC_BAYES_BOUNDS = ("mcallester", "linear")
 
@@ -66,6 +66,12 @@ class RLoraConfig(LowRankPeftConfig):
         metadata={"help": "'mcallester': sqrt((KL + ln(2√n/δ)) / 2n); 'linear': KL / n (each times the weight)."},
     )
     num_train_examples: Optional[int] = field(default=None, metadata={"help": "n in the bound: training-set size."})
+    pac_bayes_max_grad_norm: Optional[float] = field(
+        default=1.0,
+        metadata={"help": "After adding the regularizer's gradient, clip the combined gradient of the model's "
+                          "trainable parameters to this norm (default 1.0, Trainer's default max_grad_norm). None: "
+                          "add the regularizer's gradient unclipped (the behaviour before this option)."},
+    )
     pac_bayes_delta: float = field(default=0.05, metadata={"help": "Confidence δ of the bound, in (0, 1)."})
     prior_sigma: float = field(default=0.1, metadata={"help": "σ_p of the prior N(0, σ_p² I) on z."})
     posterior_sigma: float = field(default=0.01, metadata={"help": "σ_q of the posterior N(z, σ_q² I) (initial value)."})
@@ -92,6 +98,11 @@ class RLoraConfig(LowRankPeftConfig):
         default=None,
         metadata={"help": "Hash of a regenerated reference projection (filled in at wrap time; checked on load)."},
     )
+    projection_sizes_fingerprint: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hash of sampled entries of every module's generated projection, at the sizes the adapter "
+                          "uses (filled in at wrap time; checked on load; None in adapters saved before it existed)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -109,6 +120,8 @@ class RLoraConfig(LowRankPeftConfig):
                   f"the training-set size (an integer >= 1) when pac_bayes_weight={self.pac_bayes_weight!r} > 0")
         if self.num_train_examples is not None:
             check_int(owner, "num_train_examples", self.num_train_examples, minimum=1)
+        if self.pac_bayes_max_grad_norm is not None:
+            check_real(owner, "pac_bayes_max_grad_norm", self.pac_bayes_max_grad_norm, low=0.0, low_open=True)
         check_real(owner, "pac_bayes_delta", self.pac_bayes_delta, low=0.0, high=1.0, low_open=True, high_open=True)
         check_real(owner, "prior_sigma", self.prior_sigma, low=0.0, low_open=True)
         check_real(owner, "posterior_sigma", self.posterior_sigma, low=0.0, low_open=True)
@@ -137,6 +150,10 @@ class RLoraConfig(LowRankPeftConfig):
         if fingerprint is not None and not well_formed:
             _fail(owner, "projection_fingerprint", fingerprint,
                   "None (filled in when the model is wrapped) or the 16 hexadecimal digits saved with an adapter")
+        sizes = self.projection_sizes_fingerprint
+        if sizes is not None and not (isinstance(sizes, str) and SIZES_FINGERPRINT_PATTERN.fullmatch(sizes)):
+            _fail(owner, "projection_sizes_fingerprint", sizes,
+                  "None (filled in when the model is wrapped) or the '<8 hex>-<16 hex>' digits saved with an adapter")
 
     def z_init_std(self, intrinsic_dim: int, total_dim: int) -> float:
         """Std of z's initial values under ``init_weights=False`` for a module with ``d = intrinsic_dim`` and

@@ -13,7 +13,7 @@ from .config import RLoraConfig
 from .layer import RLoraLayer, RLoraLinear
 from .batched import install_batched_projection
 from .pac_bayes import pac_bayes_stats, register_model
-from .projection import stamp_projection_fingerprint
+from .projection import stamp_projection_fingerprint, stamp_sizes_fingerprint
 
 
 class RLoraModel(LowRankTuner):
@@ -33,6 +33,14 @@ class RLoraModel(LowRankTuner):
         loaded one whose projection this install regenerates differently."""
         super()._check_new_adapter_config(config)
         stamp_projection_fingerprint(config, type(config).__name__)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, then the projections' identity at the sizes this adapter uses (every module)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        projections = {name: module.rlr_projection[adapter_name] for name, module in model.named_modules()
+                       if isinstance(module, RLoraLayer) and adapter_name in module.rlr_projection}
+        config = self.peft_config[adapter_name]
+        stamp_sizes_fingerprint(config, projections, type(config).__name__)
 
     def _create_and_replace(self, config: RLoraConfig, adapter_name, target, target_name, parent, current_key, **kw):
         if current_key is None:

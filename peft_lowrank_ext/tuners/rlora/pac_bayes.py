@@ -10,6 +10,14 @@ any loop that computes its own loss) ignores loss terms a tuner adds in ``forwar
 ``∇R`` to the gradients of ``z`` (and of ``log σ_q``) of every registered RLoRA model whose
 parameters the stepping optimizer holds — once per optimizer step, i.e. after gradient
 accumulation and after gradient clipping, under a plain loop, ``Trainer`` and ``SFTTrainer`` alike.
+
+Clipping the sum [ours]: as the hook runs after the trainer's clipping, ``∇R`` itself would never be
+clipped. With ``pac_bayes_max_grad_norm`` (default 1.0, Trainer's default ``max_grad_norm``) the hook
+then clips the combined gradient of all the model's trainable parameters to that norm, exactly as
+``torch.nn.utils.clip_grad_norm_`` does: ``g ← g · min(1, c / (‖g‖ + 1e-6))`` with
+``g = clip_trainer(g_task) + ∇R``. ``None`` keeps the unclipped addition. (A loss term would be clipped
+by the trainer, but its weight per micro-batch depends on how the loop scales and normalises the loss
+under gradient accumulation, and SFTTrainer may not use it; the hook is exact in every loop.)
 """
 
 from __future__ import annotations
@@ -94,8 +102,10 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
     """Add the regulariser's gradient to every trainable z / log σ_q, once per training step.
 
     ``step_hooks`` runs this at the first optimizer of the step, before any optimizer of the step
-    updates, so parameters split over several optimizers all receive it exactly once.
+    updates, so parameters split over several optimizers all receive it exactly once. Then, with
+    ``pac_bayes_max_grad_norm``, the combined gradient of the model's trainable parameters is clipped.
     """
+    norms: list[float] = []
     for adapter_name in _adapter_names(model):
         if not _adapter_config(model, adapter_name).pac_bayes_enabled:
             continue
@@ -126,3 +136,9 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
             else:
                 p.grad.add_(g.to(p.grad.dtype))
         LAST_VALUES[(id(model), adapter_name)] = {k: float(v.detach()) for k, v in terms.items()}
+        max_norm = _adapter_config(model, adapter_name).pac_bayes_max_grad_norm
+        if max_norm is not None:
+            norms.append(max_norm)
+    if norms:
+        trainable = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(trainable, min(norms))

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...kernels.fastfood import fastfood_project
+from ...kernels.fastfood import fastfood_project, validate_perm
 
 PROJECTION_VERSION = 1
 # What projection_fingerprint() returns: 16 lowercase hexadecimal digits.
 FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{16}")
+SIZES_FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{16}")  # <layout>-<values>
 
 
 def next_power_of_two(n: int) -> int:
@@ -70,15 +71,16 @@ class FastfoodProjection:
         """(signs, perm, gauss, A0) on ``device``, moved once and then reused."""
         key = str(device)
         if key not in self._on_device:
-            self._on_device[key] = tuple(
-                t.to(device) for t in (self.signs, self.perm, self.gauss, self.lora_a_init)
-            )
+            validate_perm(self.perm[None], 1, self.perm.numel(), what="RLoRA projection")  # on CPU, once
+            # On CUDA the kernels read int32 indices: convert once here, not on every projection.
+            perm = self.perm.to(torch.int32) if torch.device(device).type == "cuda" else self.perm
+            self._on_device[key] = tuple(t.to(device) for t in (self.signs, perm, self.gauss, self.lora_a_init))
         return self._on_device[key]
 
     def factors(self, z: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Materialise fp32 ``(A, B)`` = ``(A0, 0) + scale · P z``."""
         signs, perm, gauss, _ = self.tensors(z.device)
-        delta = fastfood_project(z[None], signs[None], perm[None], gauss[None], self.total_dim)[0]
+        delta = fastfood_project(z[None], signs[None], perm[None], gauss[None], self.total_dim, check_perm=False)[0]
         return self.factors_from_projection(delta, scale)
 
     def factors_from_projection(
@@ -108,6 +110,62 @@ def projection_fingerprint(seed: int) -> str:
     for t in (proj.gauss, proj.lora_a_init):
         h.update(torch.round(t * 1000).to(torch.int64).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+_SAMPLES = 16  # entries hashed per generated tensor, evenly spaced from the first to the last
+
+
+def _sample_bytes(t: torch.Tensor) -> bytes:
+    flat = t.reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES, flat.numel())).round().long()
+    sample = flat[idx]
+    if sample.is_floating_point():
+        sample = torch.round(sample * 1000)
+    return sample.to(torch.int64).numpy().tobytes()
+
+
+def sizes_fingerprint(projections: dict[str, FastfoodProjection]) -> str:
+    """``<layout>-<values>``: a hash of the modules' names and sizes, and one of evenly spaced entries of every
+    module's generated signs, permutation, scales and A0 [ours].
+
+    Why: a generator change may only affect some sizes (``projection_fingerprint`` regenerates a single
+    length-64 projection); this covers every (size, module seed) the adapter actually uses, at no extra
+    generation cost. Only RNG outputs (rounded) enter the values hash, so it is stable across machines; the
+    layout hash tells a different base model (other sizes: PEFT's own size check reports it) from a
+    different generator.
+    """
+    layout = hashlib.sha256(f"v{PROJECTION_VERSION}:layout".encode())
+    values = hashlib.sha256(f"v{PROJECTION_VERSION}:sizes".encode())
+    for name in sorted(projections):
+        proj = projections[name]
+        layout.update(f"{name}:{proj.r}:{proj.in_features}:{proj.out_features}:{proj.intrinsic_dim}:"
+                      f"{proj.signs.numel()};".encode())
+        for t in (proj.signs, proj.perm, proj.gauss, proj.lora_a_init):
+            values.update(_sample_bytes(t))
+    return f"{layout.hexdigest()[:8]}-{values.hexdigest()[:16]}"
+
+
+def stamp_sizes_fingerprint(config, projections: dict[str, FastfoodProjection], owner: str) -> None:
+    """Fill in ``config.projection_sizes_fingerprint`` after the adapter's layers are built, or refuse a saved
+    adapter whose projections, at the sizes it uses, this install generates differently.
+
+    Adapters saved before this field existed (None) are filled in: only their ``projection_fingerprint`` was
+    checked. A saved layout other than this model's (a different base model) is left to PEFT's size check.
+    """
+    if not projections:
+        return
+    current = sizes_fingerprint(projections)
+    saved = config.projection_sizes_fingerprint
+    if saved is None:
+        config.projection_sizes_fingerprint = current
+    elif saved != current and saved.split("-")[0] == current.split("-")[0]:
+        raise ValueError(
+            f"{owner}.projection_sizes_fingerprint={saved!r} is not allowed; this "
+            f"install generates {current!r} for the projections of these {len(projections)} modules (seed "
+            f"{config.seed}): a different random generator at the sizes this adapter uses, so the saved z would "
+            "produce different weights. Use the torch/peft_lowrank_ext versions that saved the adapter, or export "
+            "it to plain LoRA there (export_lora)."
+        )
 
 
 def stamp_projection_fingerprint(config, owner: str) -> None:
