@@ -39,12 +39,14 @@ class KernelSpec:
     pointer_types: tuple[tuple[str, str], ...]
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
+    int_args: tuple[tuple[str, int], ...] = ()  # sample runtime integers: the JIT specialises on them
 
 
 @dataclasses.dataclass
 class CompileResult:
     spec: KernelSpec
     registers: int = -1
+    specialisation: str = ""  # runtime args the compile treated as divisible by 16 / constant
     spill_bytes: int = -1
     shared_bytes: int = -1
     seconds: float = 0.0
@@ -63,31 +65,55 @@ def _fwht_roles() -> dict[str, tuple[torch.dtype, torch.dtype]]:
     return roles
 
 
+# Sample sizes for the runtime integers (the JIT specialises an int on divisibility by 16): module
+# counts, the RLoRA intrinsic dimension d and output length r·(d_in + d_out) of a 7B-shaped layer.
+FWHT_ROWS, FASTFOOD_ROWS, FASTFOOD_D, FASTFOOD_OUT = 4096, 7, 1000, 16 * (4096 + 4096)
+
 def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
     """Every distinct pass binary of ``hadamard_transform`` for lengths 2^4 .. 2^max_log2.
 
-    The fusion switches are runtime flags, so a binary is fixed by tile shape, dtypes and SPLIT.
+    The fusion switches and ``LOG2_S`` are constexprs, so a binary is fixed by tile shape, stride,
+    switches, dtypes, SPLIT and the JIT's integer specialisation at the sample sizes.
     """
-    from peft_lowrank_ext.kernels._triton_hadamard import MIN_LOG2, NUM_WARPS, plan_passes, split_dot
+    from peft_lowrank_ext.kernels._triton_hadamard import FUSION_FLAGS, MIN_LOG2, NUM_WARPS, plan_passes, split_dot
 
+    roles = {name: (dts, ((), ()), FWHT_ROWS, None, None) for name, dts in _fwht_roles().items() if name != "fastfood"}
+    # (prologue, epilogue) switches, padded input length d_in and truncated output length d_out.
+    fastfood = {"fastfood fwd 1": (("in_mul",), (), FASTFOOD_D, None),
+                "fastfood fwd 2": (("gather", "in_mul", "row_scale"), (), None, FASTFOOD_OUT),
+                "fastfood bwd 1": (("row_scale",), ("out_mul", "scatter"), FASTFOOD_OUT, None),
+                "fastfood bwd 2": ((), ("out_mul",), None, FASTFOOD_D)}
+    for name, (prologue, epilogue, d_in, d_out) in fastfood.items():
+        roles[name] = (_fwht_roles()["fastfood"], (prologue, epilogue), FASTFOOD_ROWS, d_in, d_out)
     specs: dict[tuple, KernelSpec] = {}
-    for role, (src_dt, dst_dt) in _fwht_roles().items():
+    for role, ((src_dt, dst_dt), (prologue, epilogue), rows, d_in, d_out) in roles.items():
         split = split_dot(dst_dt)
         for log2_n in range(MIN_LOG2, max_log2 + 1):
+            length = 1 << log2_n
+            if (d_in or 0) > length or (d_out or 0) > length:
+                continue
             for plan in plan_passes(log2_n):
                 cfg = plan.config
                 src = _TRITON_TYPES[src_dt if plan.first else torch.float32]
                 dst = _TRITON_TYPES[dst_dt if plan.last else torch.float32]
-                key = (cfg, src, dst, split)
+                on = set(prologue if plan.first else ()) | set(epilogue if plan.last else ())
+                flags = {name: name in on for name in FUSION_FLAGS}
+                ints = {"n_lines": rows << (log2_n - cfg.log2_m),
+                        "in_cols": d_in if plan.first and d_in else length,
+                        "out_cols": d_out if plan.last and d_out else length, "LOG2_L": log2_n}
+                key = (cfg, plan.log2_s, tuple(flags.values()), src, dst, split,
+                       tuple(v % 16 == 0 or v == 1 for v in ints.values()))
                 if key in specs:
                     continue
-                ptrs = {"x_ptr": src, "y_ptr": dst, "in_idx_ptr": "i64", "out_idx_ptr": "i64"}
-                cx = dict(LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided, SPLIT=split)
-                layout = "strided" if cfg.strided else "contiguous"
+                ptrs = {"x_ptr": src, "y_ptr": dst, "in_idx_ptr": "i32", "out_idx_ptr": "i32"}
+                cx = dict(LOG2_S=plan.log2_s, **flags, LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided,
+                          SPLIT=split)
+                layout = f"strided S=2^{plan.log2_s}" if cfg.strided else "contiguous"
+                fused = "+".join(sorted(on)) or "no fusion"
                 config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={NUM_WARPS} {src}->{dst} "
-                          f"{'split-tf32' if split else 'tf32'} ({role})")
+                          f"{'split-tf32' if split else 'tf32'} {fused} (n=2^{log2_n}, {role})")
                 specs[key] = KernelSpec("peft_lowrank_ext.kernels._triton_hadamard", "fwht_pass_kernel", config,
-                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS)
+                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS, tuple(ints.items()))
     return list(specs.values())
 
 
@@ -110,8 +136,10 @@ def masked_lowrank_specs() -> list[KernelSpec]:
                 cx = dict(cfg, HAS_MASK=True, BLOCK_N=mlr.BLOCK_N, BLOCK_D=mlr.BLOCK_D, PRECISION=precision, **extra)
                 config = (f"R_PAD={cfg['R_PAD']} widths={[cfg['R_PAD'] >> i for i in range(cfg['LEVELS'] + 1)]} "
                           f"warps={warps} {dt} {precision} mask" + (" dg" if extra.get("GATE_GRAD") else ""))
+                # An LLM-shaped launch: 4096 tokens, d_in = d_out = 4096, rows_per_split a BLOCK_N multiple.
+                ints = dict(N=4096, D_IN=4096, D_OUT=4096, R=r, rows_per_split=8 * mlr.BLOCK_N)
                 specs.append(KernelSpec("peft_lowrank_ext.kernels._triton_masked_lowrank", kernel, config,
-                                        tuple(ptrs.items()), tuple(cx.items()), warps))
+                                        tuple(ptrs.items()), tuple(cx.items()), warps, tuple(ints.items())))
     return specs
 
 
@@ -149,22 +177,66 @@ def _ptxas_log(ptx: str) -> str:
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
 
 
+_DTYPES = {v: k for k, v in _TRITON_TYPES.items()}
+
+
+def _jit_specialised(fn, spec: KernelSpec, backend):
+    """(signature, constexprs, attrs) exactly as ``JITFunction.run`` derives them from real arguments:
+    Triton's own binder on 16-byte-aligned sample tensors and the spec's sample integers."""
+    from triton.runtime.jit import create_function_from_signature
+
+    ptrs, ints, cx = dict(spec.pointer_types), dict(spec.int_args), dict(spec.constexprs)
+    args = []
+    for name in fn.arg_names:
+        if name in cx:
+            continue
+        if name.endswith("_ptr"):
+            args.append(torch.empty(16, dtype=_DTYPES[ptrs.get(name, "fp32")]))
+        elif name in ints:
+            args.append(ints[name])
+        else:
+            args.append(1.5)  # fp32 scalars (scale, out_scale) are not specialised
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(cx, num_warps=spec.num_warps)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs
+
+
+def _describe(fn, signature, attrs, spec_constexprs) -> str:
+    """Runtime arguments the compile assumed divisible by 16 (pointers: 16-byte aligned) or constant."""
+    names = list(fn.arg_names)
+    div = [names[k[0]] for k, v in attrs.items() if any(a[0] == "tt.divisibility" for a in v)]
+    const = [n for n, kind in signature.items() if kind == "constexpr" and n not in dict(spec_constexprs)]
+    int_div = [n for n in div if not n.endswith("_ptr")]
+    text = f"div16: {', '.join(int_div) or '-'}; aligned ptrs: {sum(n.endswith('_ptr') for n in div)}"
+    return text + (f"; const: {', '.join(const)}" if const else "")
+
+
 def _compile(spec: KernelSpec):
-    """``triton.compile`` for sm_90, returning the kernel and the ``ptxas -v`` log of its cubin."""
+    """``triton.compile`` for sm_90 with the JIT's own specialisation; returns the kernel, the
+    ``ptxas -v`` log of its cubin and a description of the specialisation used."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
 
     fn = getattr(importlib.import_module(spec.module), spec.kernel)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
-    src = ASTSource(fn, _signature(fn, spec), dict(spec.constexprs), attrs)
+    target = GPUTarget("cuda", 90, 32)
+    try:
+        signature, constexprs, attrs = _jit_specialised(fn, spec, make_backend(target))
+        used = _describe(fn, signature, attrs, spec.constexprs)
+    except (ImportError, AttributeError, TypeError, KeyError) as exc:  # another Triton's JIT internals
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n.endswith("_ptr")}
+        signature, constexprs = _signature(fn, spec), dict(spec.constexprs)
+        used = f"fallback (pointers aligned, no integer specialisation: {type(exc).__name__})"
+    src = ASTSource(fn, signature, constexprs, attrs)
     log = io.StringIO()
     with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True  # Triton already runs ptxas -v: keep its log
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": spec.num_warps})
-    return compiled, log.getvalue() or _ptxas_log(compiled.asm["ptx"])
+        compiled = triton.compile(src, target=target, options={"num_warps": spec.num_warps})
+    return compiled, log.getvalue() or _ptxas_log(compiled.asm["ptx"]), used
 
 
 def compile_spec(spec: KernelSpec) -> CompileResult:
@@ -172,7 +244,7 @@ def compile_spec(spec: KernelSpec) -> CompileResult:
     result = CompileResult(spec)
     start = time.perf_counter()
     try:
-        compiled, log = _compile(spec)
+        compiled, log, result.specialisation = _compile(spec)
         result.registers = int(re.search(r"Used (\d+) registers", log).group(1))
         result.spill_bytes = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
         result.shared_bytes = compiled.metadata.shared
@@ -213,14 +285,18 @@ def markdown(results: list[CompileResult]) -> str:
         "Generated by `python bench/kernels_bench.py --report-sm90` (`bench/sm90_report.py`):",
         "`triton.compile` with `GPUTarget(\"cuda\", 90, 32)`, then `ptxas -v` from the Triton wheel.",
         f"Shared memory is Triton's per-block allocation (H100 limit {SHARED_LIMIT} bytes).",
+        "Specialisation: the one `JITFunction.run` applies, from Triton's own binder on 16-byte-aligned",
+        "sample tensors and sample sizes (FWHT: 4096 rows of n; Fastfood: 7 modules, d = 1000,",
+        "out_dim = 16·(4096+4096); masked low-rank: 4096 tokens, d_in = d_out = 4096) — integers divisible",
+        "by 16 get `tt.divisibility=16`; constexprs (tile, stride `LOG2_S`, fusion switches) as launched.",
         "",
-        "| kernel | config | registers | spills (bytes) | shared memory (bytes) | status |",
-        "|---|---|---:|---:|---:|---|",
+        "| kernel | config | specialisation | registers | spills (bytes) | shared memory (bytes) | status |",
+        "|---|---|---|---:|---:|---:|---|",
     ]
     for r in results:
         status = "; ".join(r.problems) or "ok"
-        lines.append(f"| {r.spec.kernel} | {r.spec.config} | {r.registers} | {r.spill_bytes} | "
-                     f"{r.shared_bytes} | {status} |")
+        lines.append(f"| {r.spec.kernel} | {r.spec.config} | {r.specialisation} | {r.registers} | "
+                     f"{r.spill_bytes} | {r.shared_bytes} | {status} |")
     return "\n".join(lines) + "\n"
 
 

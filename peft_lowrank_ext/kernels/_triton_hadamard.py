@@ -83,10 +83,12 @@ def _hadamard_axis0(x, LOG2_M: tl.constexpr, C: tl.constexpr, SPLIT: tl.constexp
 FUSION_FLAGS = ("in_mul", "gather", "row_scale", "out_mul", "scatter")
 
 
-@triton.jit(do_not_specialize=FUSION_FLAGS)
+@triton.jit
 def fwht_pass_kernel(
     x_ptr, y_ptr, in_mul_ptr, in_idx_ptr, row_scale_ptr, out_mul_ptr, out_idx_ptr,
-    n_lines, in_cols, out_cols, LOG2_L, LOG2_S, in_mul, gather, row_scale, out_mul, scatter,
+    n_lines, in_cols, out_cols, LOG2_L, out_scale, LOG2_S: tl.constexpr,
+    in_mul: tl.constexpr, gather: tl.constexpr, row_scale: tl.constexpr, out_mul: tl.constexpr,
+    scatter: tl.constexpr,
     LOG2_M: tl.constexpr, C: tl.constexpr, STRIDED: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One pass: transform index bits [LOG2_S, LOG2_S + LOG2_M) of rows of length L = 2^LOG2_L.
@@ -94,8 +96,10 @@ def fwht_pass_kernel(
     ``x`` is (rows, in_cols) and ``y`` (rows, out_cols), contiguous. Element (row, col) is read from
     ``x[row, in_idx[row, col] if GATHER else col]`` (zero where ``col >= in_cols``: the padding) and
     written to ``y[row, out_idx[row, col] if SCATTER else col]`` where ``col < out_cols`` (the
-    truncation). Factor arrays are (rows, L), contiguous. The fusion switches are runtime flags
-    (uniform branches) so that one binary per tile shape and dtype serves every caller. Offsets are
+    truncation). Factor arrays are (rows, L), contiguous. ``out_scale`` (fp32) multiplies the result
+    before the store (1.0 except in the last pass). The fusion switches and ``LOG2_S`` are
+    constexprs: unused branches vanish and the strided offsets ``j << LOG2_S`` are compile-time
+    shifts, so the compiler sees contiguous/aligned loads and stores (one binary per combination). Offsets are
     an int64 scalar base per program plus int32 tile offsets, keeping index math in 32 bits.
     """
     M: tl.constexpr = 1 << LOG2_M
@@ -133,6 +137,7 @@ def fwht_pass_kernel(
 
     y = _hadamard_axis0(x, LOG2_M, C, SPLIT)
 
+    y *= out_scale
     out_ok = line_ok & (col < out_cols)
     if out_mul:
         y *= tl.load(out_mul_ptr + factor_base + fac, mask=out_ok, other=0.0).to(tl.float32)
@@ -199,10 +204,10 @@ class Fusion:
     """Optional prologue/epilogue operands of a transform (all (rows, L) unless noted)."""
 
     in_mul: torch.Tensor | None = None
-    gather: torch.Tensor | None = None  # int64 source index per element
+    gather: torch.Tensor | None = None  # int32 (or int64) source index per element
     row_scale: torch.Tensor | None = None  # (rows,)
     out_mul: torch.Tensor | None = None
-    scatter: torch.Tensor | None = None  # int64 destination index per element
+    scatter: torch.Tensor | None = None  # int32 (or int64) destination index per element
 
 
 def split_dot(dtype: torch.dtype) -> bool:
@@ -218,8 +223,8 @@ def _pass_operands(fusion: Fusion, plan: PassPlan, device) -> tuple[list, list[i
     for name in FUSION_FLAGS:
         tensor = getattr(fusion, name) if active[name] else None
         index = name in ("gather", "scatter")
-        operands.append(_placeholder(device, torch.int64 if index else torch.float32) if tensor is None else tensor)
-        flags.append(int(tensor is not None))
+        operands.append(_placeholder(device, torch.int32 if index else torch.float32) if tensor is None else tensor)
+        flags.append(tensor is not None)
     return operands, flags
 
 
@@ -229,7 +234,7 @@ def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=dtype)
 
 
-def _launch_pass(src, dst, rows, log2_l, plan: PassPlan, fusion: Fusion, in_cols, out_cols, split):
+def _launch_pass(src, dst, rows, log2_l, plan: PassPlan, fusion: Fusion, in_cols, out_cols, split, out_scale):
     cfg = plan.config
     length = 1 << log2_l
     in_cols = in_cols if plan.first else length
@@ -237,15 +242,17 @@ def _launch_pass(src, dst, rows, log2_l, plan: PassPlan, fusion: Fusion, in_cols
     n_lines = rows << (log2_l - cfg.log2_m)
     operands, flags = _pass_operands(fusion, plan, dst.device)
     fwht_pass_kernel[(triton.cdiv(n_lines, cfg.lines),)](
-        src, dst, *operands, n_lines, in_cols, out_cols, log2_l, plan.log2_s, *flags,
+        src, dst, *operands, n_lines, in_cols, out_cols, log2_l, out_scale if plan.last else 1.0,
+        LOG2_S=plan.log2_s, **dict(zip(FUSION_FLAGS, flags)),
         LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided, SPLIT=split, num_warps=NUM_WARPS,
     )
 
 
 def hadamard_transform(src: torch.Tensor, dst: torch.Tensor, rows: int, length: int, *,
                        in_cols: int | None = None, out_cols: int | None = None,
-                       fusion: Fusion = Fusion(), workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """``dst[r, :out_cols] = epilogue(H_length · prologue(pad(src[r, :in_cols])))`` for every row.
+                       fusion: Fusion = Fusion(), workspace: torch.Tensor | None = None,
+                       out_scale: float = 1.0) -> torch.Tensor:
+    """``dst[r, :out_cols] = epilogue(out_scale · H_length · prologue(pad(src[r, :in_cols])))`` per row.
 
     ``src`` is (rows, in_cols) and ``dst`` is (rows, out_cols), both contiguous. A multi-pass
     transform goes through an fp32 ``workspace`` of shape (rows, length), transformed in place;
@@ -263,13 +270,15 @@ def hadamard_transform(src: torch.Tensor, dst: torch.Tensor, rows: int, length: 
     out_cols = length if out_cols is None else out_cols
     for plan in plans:
         _launch_pass(src if plan.first else workspace, dst if plan.last else workspace, rows, log2_l, plan,
-                     fusion, in_cols, out_cols, split_dot(dst.dtype))
+                     fusion, in_cols, out_cols, split_dot(dst.dtype), float(out_scale))
     return dst
 
 
-def fwht_triton(x: torch.Tensor) -> torch.Tensor:
-    """FWHT of the last dimension of a contiguous fp32/fp16/bf16 tensor (length 2^4 .. 2^30)."""
+def fwht_triton(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale · H x`` over the last dimension of a contiguous fp32/fp16/bf16 tensor (length 2^4 .. 2^30).
+
+    ``scale`` multiplies the fp32 result in the last pass, before the store in x's dtype."""
     n = x.shape[-1]
     out = torch.empty_like(x)
     workspace = out if x.dtype == torch.float32 else None
-    return hadamard_transform(x, out, x.numel() // n, n, workspace=workspace)
+    return hadamard_transform(x, out, x.numel() // n, n, workspace=workspace, out_scale=scale)

@@ -46,12 +46,12 @@ def _block_sizes(log2_n: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def fwht_reference(x: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch FWHT (the CPU path and the reference for the kernels).
+def fwht_reference(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Pure-PyTorch ``scale · H x`` (the CPU path and the reference for the kernels).
 
     ``H_{n1 n2 ...} = H_{n1} ⊗ H_{n2} ⊗ ...``: apply each small factor to the leading axis, then
     rotate that axis to the back, so every factor is one batched matmul. Accumulates in fp32 for
-    half-precision inputs and returns the input dtype.
+    half-precision inputs, applies ``scale`` in that precision and returns the input dtype.
     """
     n = x.shape[-1]
     if not is_power_of_two(n):
@@ -62,45 +62,56 @@ def fwht_reference(x: torch.Tensor) -> torch.Tensor:
     y = x.reshape(-1, n).to(compute_dtype)
     rows = y.shape[0]
     if n == 1:
-        return x.clone()
+        return x.clone() if scale == 1.0 else (x.to(compute_dtype) * scale).to(out_dtype)
     for log2_m in _block_sizes(n.bit_length() - 1):
         m = 1 << log2_m
         h = hadamard_matrix(m, dtype=compute_dtype, device=y.device)
         y = torch.matmul(h, y.reshape(rows, m, n // m))  # transform the leading axis
         y = y.transpose(1, 2).reshape(rows, n)  # rotate it to the back
+    if scale != 1.0:
+        y = y * scale  # before the cast: a half output of scale·Hx stays finite when Hx would not
     return y.reshape(*batch_shape, n).to(out_dtype)
 
 
 @torch.library.custom_op("peft_lowrank_ext::fwht", mutates_args=())
-def _fwht_op(x: torch.Tensor) -> torch.Tensor:
-    return fwht_reference(x)
+def _fwht_op(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    return fwht_reference(x, scale)
 
 
 @_fwht_op.register_kernel("cuda")
-def _(x: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     if x.shape[-1] < 16 or not use_triton(x):
-        return fwht_reference(x)
+        return fwht_reference(x, scale)
     from ._triton_hadamard import fwht_triton
 
-    return fwht_triton(x.contiguous())
+    return fwht_triton(x.contiguous(), scale)
 
 
 @_fwht_op.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
+def _(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _fwht_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-    # H is symmetric, so the vector-Jacobian product is another transform.
-    return _fwht_op(grad.contiguous())
+def _fwht_setup_context(ctx, inputs, output):
+    ctx.scale = inputs[1]
 
 
-_fwht_op.register_autograd(_fwht_backward)
+def _fwht_backward(ctx, grad: torch.Tensor):
+    # scale·H is symmetric, so the vector-Jacobian product is the same scaled transform.
+    return _fwht_op(grad.contiguous(), ctx.scale), None
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Walsh–Hadamard transform of the last dimension (length a power of two)."""
+_fwht_op.register_autograd(_fwht_backward, setup_context=_fwht_setup_context)
+
+
+def fwht(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale · H x`` over the last dimension (length a power of two); ``scale=1`` is unnormalised.
+
+    ``scale`` is applied in fp32 before the store, as Dao's ``fast-hadamard-transform`` does: an
+    fp16 transform overflows once ``|x|·n`` passes 65504, so normalise with ``scale=n**-0.5``
+    rather than dividing afterwards.
+    """
     n = x.shape[-1]
     if not is_power_of_two(n):
         raise ValueError(f"fwht: last dimension {n} is not allowed; it must be a power of two")
-    return _fwht_op(x.contiguous())
+    return _fwht_op(x.contiguous(), float(scale))

@@ -49,6 +49,21 @@ def test_three_pass_path(monkeypatch, dtype):
     assert_close(th.fwht_triton(x), fwht_reference(x.double()), dtype, "three passes")
 
 
+@pytest.mark.parametrize("dtype,rows,log2_n", [(torch.float16, 2, 10), (torch.float16, 1, 15), (torch.float32, 3, 8)],
+                         ids=str)
+def test_scale_applied_before_the_store(dtype, rows, log2_n):
+    """fp16 rows whose unnormalised transform overflows (H x[0] ~ 128·n > 65504): the scaled
+    kernel output is finite and matches float64; at 2^15 the scale goes into the last (strided) pass."""
+    n = 1 << log2_n
+    torch.manual_seed(log2_n)
+    x = (128.0 + 4.0 * torch.randn(rows, n)).to(dtype)
+    if dtype == torch.float16:
+        assert torch.isinf(th.fwht_triton(x)).any()
+    out = th.fwht_triton(x, n ** -0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, fwht_reference(x.double(), n ** -0.5), dtype, f"scaled fwht {dtype} n=2^{log2_n}")
+
+
 def test_backward_is_the_same_transform():
     """H is symmetric: the vector-Jacobian product of the kernel is the kernel itself."""
     x, g = torch.randn(5, 256, dtype=torch.float64), torch.randn(5, 256, dtype=torch.float64)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _kernel_checks import assert_close, random_fastfood_factors
+from _kernel_checks import TOLERANCE, assert_close, random_fastfood_factors
 
 from peft_lowrank_ext.kernels import (
     FastfoodInput,
@@ -20,7 +20,7 @@ from peft_lowrank_ext.kernels import (
     hadamard_matrix,
     masked_lowrank,
 )
-from peft_lowrank_ext.kernels.fastfood import _fastfood_backward_op, _fastfood_op
+from peft_lowrank_ext.kernels.fastfood import StackedFastfood, _fastfood_backward_op, _fastfood_op, validate_perm
 from peft_lowrank_ext.kernels.hadamard import _fwht_op
 from peft_lowrank_ext.kernels.masked_lowrank import _masked_lowrank_backward_op, _masked_lowrank_op
 
@@ -54,6 +54,29 @@ def _masked_inputs(n=9, d_in=12, d_out=10, r=5, dtype=torch.float64, gate_grad=T
 def test_fwht_matches_dense_hadamard(n):
     x = torch.randn(3, 2, n, dtype=torch.float64)
     assert_close(fwht(x), x @ hadamard_matrix(n, torch.float64))
+
+
+def _overflowing_half(rows: int, n: int) -> torch.Tensor:
+    """fp16 rows whose unnormalised transform passes 65504 (|x| ~ 4, n >= 2^15: H x[0] ~ 4n)."""
+    gen = torch.Generator().manual_seed(n)
+    return (4.0 + 0.5 * torch.randn(rows, n, generator=gen)).to(torch.float16)
+
+
+def test_fwht_scale_keeps_half_precision_finite():
+    n = 1 << 15
+    x = _overflowing_half(3, n)
+    assert torch.isinf(fwht(x)).any()  # the unnormalised fp16 transform overflows
+    out = fwht(x, scale=n ** -0.5)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert_close(out, fwht(x.double()) * n ** -0.5, torch.float16)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.125, -3.0])
+def test_fwht_scale_matches_dense_and_gradcheck(scale):
+    x = torch.randn(3, 64, dtype=torch.float64, requires_grad=True)
+    assert_close(fwht(x, scale), scale * (x @ hadamard_matrix(64, torch.float64)))
+    assert torch.autograd.gradcheck(lambda v: fwht(v, scale), (x,))
+    assert torch.equal(fwht(x.detach()), fwht(x.detach(), 1.0))  # the default is today's transform
 
 
 def test_fwht_rejects_non_power_of_two():
@@ -113,8 +136,45 @@ def test_fastfood_validates_shapes():
     signs, perm, gauss = random_fastfood_factors(2, 16)
     with pytest.raises(ValueError, match="power of two"):
         fastfood_project(torch.randn(2, 20), signs, perm, gauss, 10)
-    with pytest.raises(ValueError, match="int64"):
-        fastfood_project(torch.randn(2, 4), signs, perm.int(), gauss, 10)
+    with pytest.raises(ValueError, match="integer"):
+        fastfood_project(torch.randn(2, 4), signs, perm.float(), gauss, 10)
+
+
+def test_fastfood_accepts_int32_perm():
+    signs, perm, gauss = random_fastfood_factors(2, 32)
+    z = torch.randn(2, 9, dtype=torch.float64)
+    assert_close(fastfood_project(z, signs, perm.int(), gauss, 20), fastfood_project(z, signs, perm, gauss, 20))
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda p: p.index_fill(1, torch.tensor([3]), 16), r"\[0, 15\].*got values in \[0, 16\]"),
+    (lambda p: p.index_fill(1, torch.tensor([0]), -1), r"\[0, 15\].*got values in \[-1, 15\]"),
+    (lambda p: torch.cat([p[:1], p[1:].index_fill(1, torch.tensor([0, 1]), 5)]), "row 1 repeats"),
+    (lambda p: p.float(), "integer"),
+    (lambda p: p[:, :8], r"shape \(2, 16\)|must all be \(2, L\)"),
+])
+def test_fastfood_rejects_invalid_perm(corrupt, match):
+    """An out-of-range perm would be an out-of-bounds gather/scatter on the GPU: ValueError instead."""
+    signs, perm, gauss = random_fastfood_factors(2, 16)
+    bad = corrupt(perm)
+    with pytest.raises(ValueError, match="perm") as info:
+        fastfood_project(torch.randn(2, 4), signs, bad, gauss, 10)
+    assert info.match(match)
+    with pytest.raises(ValueError, match="StackedFastfood"):
+        StackedFastfood(list(signs), list(bad), list(gauss), [10, 10])
+    validate_perm(perm, 2, 16)  # the valid one passes
+
+
+def test_stacked_fastfood_validates_once_not_per_call(monkeypatch):
+    import peft_lowrank_ext.kernels.fastfood as ff
+
+    signs, perm, gauss = random_fastfood_factors(2, 16)
+    calls = []
+    monkeypatch.setattr(ff, "validate_perm", lambda *a, **k: calls.append(a))
+    stacked = StackedFastfood(list(signs), list(perm), list(gauss), [10, 12])
+    for _ in range(3):
+        stacked.project([torch.randn(4), torch.randn(3)])
+    assert len(calls) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +234,8 @@ def _opcheck_cases():
     backward_args = (torch.randn(9, 10), x.clone(), a.clone(), b.clone(), gate.clone(), mask, h, 0.5, True)
     cases = {
         "fwht": (_fwht_op, (torch.randn(4, 32, requires_grad=True),)),
+        "fwht_scaled": (_fwht_op, (torch.randn(4, 32, requires_grad=True), 0.25)),
+        "fastfood_int32_perm": (_fastfood_op, (torch.randn(3, 10, requires_grad=True), signs, perm.int(), gauss, 50)),
         "fastfood": (_fastfood_op, (torch.randn(3, 10, requires_grad=True), signs, perm, gauss, 50)),
         "fastfood_backward": (_fastfood_backward_op, (torch.randn(3, 50), signs, perm, gauss, 10)),
         "masked_lowrank": (_masked_lowrank_op, (x.requires_grad_(), a.requires_grad_(), b.requires_grad_(),
