@@ -2,9 +2,14 @@
 
 What it shows:
 
-1. A short training run (default PRILoRA, whose pruned, depth-dependent ranks export as a LoRA with a
-   ``rank_pattern``) on the packaged MiniLM and the bundled data.
-2. ``export_lora(model, DIR)``: an exact, standard PEFT LoRA folder (materialised A and B, no SVD).
+1. A short training run (default PRILoRA, whose pruned ranks depend on the depth) on the packaged
+   MiniLM and the bundled data.
+2. ``export_lora(model, DIR)``: an exact, standard PEFT LoRA folder (materialised A and B, no SVD) in
+   the default ``layout="uniform"``: one global ``r`` (the largest kept rank; smaller modules are
+   zero-padded, each module's scale is folded into B), no ``rank_pattern``, so that servers that read
+   only ``r``/``lora_alpha`` (e.g. vLLM) load it exactly. For comparison it also writes
+   ``layout="compact"`` (per-module ranks in ``rank_pattern``) and prints the per-module ranks it keeps;
+   the uniform ``r`` must be their maximum.
 3. A fresh Python process runs ``serve_exported_lora.py``, which imports only ``transformers`` and
    ``peft``; here it is started with an import blocker, so that any attempt to import
    ``peft_lowrank_ext`` fails. It loads the folder with ``PeftModel.from_pretrained``, prints the
@@ -91,10 +96,16 @@ def main(argv=None) -> None:
         print(f"accuracy: {accuracy(trainer, evald):.4f} on {len(evald)} evaluation rows")
 
         export_dir = out / f"{args.method}-as-lora"
-        lora_config = export_lora(model, export_dir)
-        ranks = sorted(set(lora_config.rank_pattern.values()) | {lora_config.r})
-        print(f"exported plain LoRA to {export_dir}: r={lora_config.r}, ranks used {ranks}, "
-              f"{len(lora_config.target_modules)} modules")
+        lora_config = export_lora(model, export_dir)  # layout="uniform", the default
+        compact = export_lora(model, out / f"{args.method}-as-lora-compact", layout="compact")
+        ranks = sorted(set(compact.rank_pattern.values()) | {compact.r})
+        print(f"exported plain LoRA (layout uniform) to {export_dir}: r={lora_config.r}, "
+              f"lora_alpha={lora_config.lora_alpha}, {len(lora_config.target_modules)} modules")
+        print(f"per-module ranks kept (layout compact): ranks used {ranks}")
+        if lora_config.r != max(ranks) or lora_config.rank_pattern or lora_config.alpha_pattern:
+            sys.exit(f"MISMATCH: the uniform export has r={lora_config.r}, rank_pattern={lora_config.rank_pattern}, "
+                     f"alpha_pattern={lora_config.alpha_pattern}; expected r={max(ranks)} and no patterns")
+        print(f"OK: the uniform export's r={lora_config.r} is the largest kept rank, without rank/alpha patterns")
 
         texts = list(data.eval["text"][: args.serve_texts])
         expected = logits(model.cpu(), tokenizer, texts, args.max_length)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from methods import METHODS, lm_batches
+from methods import METHODS, lm_batches, train_steps
 from models import TINY_MODELS
 from peft_lowrank_ext import AutoLoraSearch, HeteroLoraConfig, PriLoraConfig, autolora_select, export_lora
 from peft_lowrank_ext.cli.adapter_info import AdapterInfo, describe_adapter, format_adapter_info
@@ -38,13 +38,6 @@ def wrap(method: str):
     return model
 
 
-def train(model, steps: int = 2) -> None:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in lm_batches(n=steps, batch=2, seq=6):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def export_succeeds(model, path) -> bool:
@@ -68,7 +61,7 @@ def check_against_live_model(model, info: AdapterInfo, folder, tmp_path) -> None
 def test_describe_matches_the_live_model_and_export(method, tmp_path):
     model = wrap(method)
     if method != "lora":
-        train(model)
+        train_steps(model)
     folder = tmp_path / "adapter"
     model.save_pretrained(folder)
     info = describe_adapter(folder)

@@ -60,7 +60,8 @@ def test_compare_end_to_end_writes_table_and_results(tiny, tmp_path, capsys):
     lora, rlora = data["results"]
     assert lora["steps"] == rlora["steps"] == 3
     assert data["data"] == {"source": f"{tiny['train']} + {tiny['eval']}", "train_rows": 48, "eval_rows": 16,
-                            "num_labels": 2}
+                            "num_labels": 2, "task": "classification", "sentence_pairs": False, "label_map": None}
+    assert data["task"] == "classification"  # --task auto, resolved from the integer labels
     assert data["settings"]["r"] == 4 and data["settings"]["command"] == "compare"
     # matched adapters: the same targets; RLoRA trains ceil(0.1 · 4·(32+32)) = 26 numbers per module
     assert lora["extra"]["target_modules"] == rlora["extra"]["target_modules"] == ["query", "value"]
@@ -127,7 +128,8 @@ def test_bundled_data_with_sample_limits(tiny, tmp_path):
                                 "prilora, heterolora)"),
         (["train", "--method", "adalora"], "argument --method: invalid choice: 'adalora' (choose from lora, rlora, "
                                            "autolora, prilora, heterolora)"),
-        (["--task", "seq2seq"], "argument --task: invalid choice: 'seq2seq' (choose from classification, causal-lm)"),
+        (["--task", "seq2seq"], "argument --task: invalid choice: 'seq2seq' (choose from auto, classification, regression, "
+                                "causal-lm)"),
         (["--heterolora-mode", "often"], "argument --heterolora-mode: invalid choice: 'often' (choose from static, "
                                          "dynamic)"),
         (["--heterolora-budget", "0"], "argument --heterolora-budget: must be in (0, 1]"),
@@ -152,7 +154,11 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, needle, capsys, tmp_path
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert needle.replace("'", "") in err.replace("'", ""), err
-    assert "usage: peft-lowrank-ext" in err
+    # one line, no usage block; argparse's own errors end with the --help hint
+    assert len(err.strip().splitlines()) == 1 and "usage:" not in err and "Traceback" not in err, err
+    assert err.startswith("peft-lowrank-ext"), err
+    if any(word in needle for word in ("must be", "invalid choice", "required")):  # argparse's own checks
+        assert err.rstrip().endswith("; run with --help for the options"), err
 
 
 def test_bad_columns_are_reported(tiny, tmp_path, capsys):
@@ -262,7 +268,7 @@ def test_compare_all_five_methods_writes_table_json_and_figures(tiny, tmp_path, 
         assert f"| {method} " in stdout
 
     figures = ["loss_curves.png", "ranks_autolora.png", "ranks_prilora.png", "ranks_heterolora.png",
-               "rank_history_prilora.png", "rank_history_heterolora.png"]
+               "sparsity_history_prilora.png", "rank_history_heterolora.png"]
     assert sorted(data["figures"]) == sorted(figures)
     for name in figures:
         assert_valid_png(out / name)

@@ -65,6 +65,35 @@ def test_export_gives_plain_lora_with_the_same_logits(trained, tmp_path, method,
     torch.testing.assert_close(exported, original, rtol=1e-5, atol=1e-6)
 
 
+def test_export_layout_and_separate_head_flags(trained, tmp_path, capsys):
+    """Default --layout uniform: one r, no patterns; --layout compact --head separate: patterns, head beside it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    original, _ = _logits(trained["model"], trained["prilora"])
+    uniform, compact = tmp_path / "uniform", tmp_path / "compact"
+    assert cli.main(["export", str(trained["prilora"]), str(uniform)]) == 0
+    assert "uniform layout" in capsys.readouterr().out
+    config = json.loads((uniform / "adapter_config.json").read_text())
+    assert "rank_pattern" not in config and "alpha_pattern" not in config and config["lora_alpha"] == config["r"]
+    r_uniform = config["r"]
+    assert config["modules_to_save"] and not (uniform / "head.safetensors").exists()
+
+    assert cli.main(["export", str(trained["prilora"]), str(compact), "--layout", "compact", "--head", "separate"]) == 0
+    assert "head.safetensors" in capsys.readouterr().out
+    config = json.loads((compact / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and not config["modules_to_save"]
+    assert r_uniform == max(config["r"], *config["rank_pattern"].values())  # the largest kept rank
+    base = AutoModelForSequenceClassification.from_pretrained(trained["model"], num_labels=2)
+    assert not base.load_state_dict(load_file(compact / "head.safetensors"), strict=False).unexpected_keys
+    with torch.no_grad():
+        exported = PeftModel.from_pretrained(base, str(compact)).eval()(**_inputs()).logits
+    torch.testing.assert_close(exported, original, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit):
+        cli.main(["export", str(trained["prilora"]), str(tmp_path / "x"), "--layout", "padded"])
+
+
 def test_export_with_explicit_model_and_unexportable_adapters(trained, tmp_path, capsys):
     out = tmp_path / "x"
     assert cli.main(["export", str(trained["rlora"]), str(out), "--model", str(trained["model"])]) == 0

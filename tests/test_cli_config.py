@@ -71,7 +71,7 @@ def test_json_config_for_compare_and_inspect(tiny, tmp_path, capsys):
         ("r: 0\n", "key 'r' (--r): must be a positive integer, got '0'"),
         ("methods: [lora, dora]\n", "key 'methods' (--methods): invalid choice: 'dora' (choose from lora, rlora, "
                                     "autolora, prilora, heterolora)"),
-        ("task: seq2seq\n", "key 'task' (--task): invalid choice: 'seq2seq' (choose from classification, causal-lm)"),
+        ("task: seq2seq\n", "key 'task' (--task): invalid choice: 'seq2seq' (choose from auto, classification, regression, causal-lm)"),
         ("no_progress: maybe\n", "key 'no_progress' (--no-progress): must be true or false"),
         ("epochs: -1\n", "key 'epochs' (--epochs): must be a number > 0"),
         ("r: [1, 2]\n", "key 'r': must be a single value"),

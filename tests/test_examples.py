@@ -214,7 +214,10 @@ def test_hub_roundtrip_offline_fails_clearly(runs):
 
 def test_export_and_serve(runs):
     out = finished(runs, "export_serve")
-    assert "exported plain LoRA" in out and "ranks used [4, 6, 7, 9, 10, 12]" in out  # PRILoRA's per-block ranks
+    # The default export is the uniform layout: one r, the largest of PRILoRA's per-block ranks (compact layout).
+    assert "exported plain LoRA (layout uniform)" in out and ": r=12, lora_alpha=12," in out
+    assert "per-module ranks kept (layout compact): ranks used [4, 6, 7, 9, 10, 12]" in out
+    assert "OK: the uniform export's r=12 is the largest kept rank, without rank/alpha patterns" in out
     assert "loaded LoraConfig from" in out  # the serving process saw a plain LoRA adapter
     served = re.findall(r"^\s*LABEL_[01] \(", out, flags=re.M)
     assert len(served) == 6

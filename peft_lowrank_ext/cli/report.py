@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 CLASSIFICATION_COLUMNS = ("method", "accuracy", "trainable params", "adapter file", "optimizer state",
                           "train time", "time / step", "peak memory")
+REGRESSION_COLUMNS = ("method", "pearson", "spearman", "eval MSE", "trainable params", "adapter file",
+                      "optimizer state", "train time", "time / step", "peak memory")
 CAUSAL_LM_COLUMNS = ("method", "eval loss", "perplexity", "trainable params", "adapter file", "optimizer state",
                      "train time", "time / step", "peak memory")
 
@@ -31,6 +33,14 @@ def human_bytes(n: float | None) -> str:
 
 def _is_lm(results: Sequence[dict[str, Any]]) -> bool:
     return any(r.get("extra", {}).get("task") == "causal-lm" for r in results)
+
+
+def _is_regression(results: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("task") == "regression" for r in results)
+
+
+def _corr(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # NaN (constant predictions) prints as nan
 
 
 def _step_cell(r: dict[str, Any]) -> str:
@@ -54,18 +64,23 @@ def _peak_cell(r: dict[str, Any]) -> str:
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
-    lm = _is_lm(results)
+    lm, reg = _is_lm(results), _is_regression(results)
     rows = []
     for r in results:
-        metric = ([f"{r['eval_loss']:.4f}", f"{r['extra'].get('perplexity', float('nan')):.2f}"] if lm
-                  else [f"{100 * r['accuracy']:.1f}%"])
+        if lm:
+            metric = [f"{r['eval_loss']:.4f}", f"{r['extra'].get('perplexity', float('nan')):.2f}"]
+        elif reg:
+            metric = [_corr(r.get("pearson")), _corr(r.get("spearman")), f"{r['eval_loss']:.4f}"]
+        else:
+            metric = [f"{100 * r['accuracy']:.1f}%"]
         rows.append([r["method"], *metric, f"{r['trainable_params']:,}", human_bytes(r["adapter_bytes"]),
                      human_bytes(r["optimizer_state_bytes"]), _time_cell(r), _step_cell(r), _peak_cell(r)])
     return rows
 
 
 def markdown_table(results: Sequence[dict[str, Any]]) -> str:
-    columns = CAUSAL_LM_COLUMNS if _is_lm(results) else CLASSIFICATION_COLUMNS
+    columns = (CAUSAL_LM_COLUMNS if _is_lm(results) else REGRESSION_COLUMNS if _is_regression(results)
+               else CLASSIFICATION_COLUMNS)
     rows = table_rows(results)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(columns)]
 
@@ -86,8 +101,12 @@ def ratios(results: Sequence[dict[str, Any]]) -> str:
     for name, r in by.items():
         if name == "lora":
             continue
-        metric = (f"eval loss {r['eval_loss'] - base['eval_loss']:+.4f}" if lm
-                  else f"accuracy {100 * (r['accuracy'] - base['accuracy']):+.1f} points")
+        if lm:
+            metric = f"eval loss {r['eval_loss'] - base['eval_loss']:+.4f}"
+        elif _is_regression(results):
+            metric = f"Pearson {(r.get('pearson') or float('nan')) - (base.get('pearson') or float('nan')):+.4f}"
+        else:
+            metric = f"accuracy {100 * (r['accuracy'] - base['accuracy']):+.1f} points"
         lines.append(f"{name} vs LoRA: {r['trainable_params'] / base['trainable_params']:.3f}x trainable parameters, "
                      f"{r['adapter_bytes'] / base['adapter_bytes']:.3f}x adapter file, "
                      f"{r['time_per_step_s'] / base['time_per_step_s']:.2f}x time per step, {metric}.")
@@ -124,9 +143,12 @@ def write_results(output_dir: Path, args, data, results: list[dict[str, Any]], w
         "command_line": command_line(argv),
         "date": now.isoformat(timespec="seconds"),
         "task": args.task,
-        "model": resolve_model_path(args.model) if args.task == "classification" else str(args.model),
+        "model": resolve_model_path(args.model) if args.task != "causal-lm" else str(args.model),
         "data": {"source": data.source, "train_rows": len(data.train), "eval_rows": len(data.eval),
-                 "num_labels": getattr(data, "num_labels", None)},
+                 "num_labels": getattr(data, "num_labels", None), "task": getattr(data, "task", args.task),
+                 "sentence_pairs": getattr(data, "is_pair", False),
+                 "label_map": {str(k): v for k, v in data.label_map.items()} if getattr(data, "label_map", None)
+                 else None},
         "settings": settings,
         "results": results,
         "figures": [p.name for p in figures],
@@ -180,7 +202,8 @@ def moving_average(curve: list[tuple[int, float]], window: int) -> list[tuple[in
 
 def write_figures(output_dir: Path, runs: dict[str, Any]) -> list[Path]:
     """Loss curves of every method; rank heat maps and rank histories where ranks differ or change."""
-    from peft_lowrank_ext.train.plots import plot_loss_curves, plot_rank_heatmap, plot_rank_history
+    from peft_lowrank_ext.train.plots import (plot_loss_curves, plot_rank_heatmap, plot_rank_history,
+                                              plot_sparsity_history)
 
     figures: list[Path] = []
     curves = {name: curve for run in runs.values() for name, curve in run.curves.items() if curve}
@@ -196,4 +219,7 @@ def write_figures(output_dir: Path, runs: dict[str, Any]) -> list[Path]:
         if run.rank_history:
             figures.append(plot_rank_history(run.rank_history, output_dir / f"rank_history_{method}.png",
                                              title=f"{method}: ranks during training"))
+        if getattr(run, "sparsity_history", None):
+            figures.append(plot_sparsity_history(run.sparsity_history, output_dir / f"sparsity_history_{method}.png",
+                                                 title=f"{method}: sparsity of A during training"))
     return figures

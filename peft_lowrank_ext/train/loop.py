@@ -2,7 +2,8 @@
 
 :func:`train_classifier` loads a (local) model with a fresh classification head
 (:mod:`~peft_lowrank_ext.train.models`), wraps it with ``peft.get_peft_model``, trains it with AdamW and
-a linear warm-up/decay schedule, evaluates accuracy, saves the adapter and returns a
+a linear warm-up/decay schedule, evaluates accuracy (regression: Pearson/Spearman and the mean squared
+error, with a one-output head and ``problem_type="regression"``), saves the adapter and returns a
 :class:`~peft_lowrank_ext.train.run.TrainResult` with the numbers the CLI compares (measured by
 :mod:`~peft_lowrank_ext.train.measure`, assembled by :func:`~peft_lowrank_ext.train.run.make_result`).
 
@@ -21,9 +22,16 @@ from typing import Any
 import torch
 
 from peft_lowrank_ext.train.data import TextClassificationData, collate, encode_rows, row_batches
-from peft_lowrank_ext.train.measure import StepTimes, adapter_param_norm, count_parameters, reset_peak_rss
+from peft_lowrank_ext.train.measure import (StepTimes, adapter_param_norm, count_parameters, pearson, reset_peak_rss,
+                                            spearman)
 from peft_lowrank_ext.train.models import set_seed, wrap_classifier
 from peft_lowrank_ext.train.run import TrainingConfig, TrainResult, make_result, run_extra
+
+
+def _on_device(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
+    """``batch`` with its tensors on the device of ``model``'s parameters."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -33,7 +41,7 @@ def evaluate(model: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], batc
     model.eval()
     correct, loss_sum, n = 0, 0.0, 0
     for chunk in row_batches(rows, batch_size):
-        batch = collate(tokenizer, chunk)
+        batch = _on_device(collate(tokenizer, chunk), model)
         out = model(**batch)
         logits = out.logits.float()
         loss_sum += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
@@ -41,6 +49,55 @@ def evaluate(model: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], batc
         n += len(chunk)
     model.train(was_training)
     return correct / max(n, 1), loss_sum / max(n, 1)
+
+
+@torch.no_grad()
+def predict_scores(model: torch.nn.Module, tokenizer, rows: list[dict[str, Any]], batch_size: int) -> list[float]:
+    """The one-output head's predictions on encoded ``rows`` (regression), in order."""
+    was_training = model.training
+    model.eval()
+    preds: list[float] = []
+    for chunk in row_batches(rows, batch_size):
+        batch = collate(tokenizer, chunk)
+        batch.pop("labels")
+        preds += model(**_on_device(batch, model)).logits.float().reshape(-1).tolist()
+    model.train(was_training)
+    return preds
+
+
+def evaluate_regression(model: torch.nn.Module, tokenizer, rows: list[dict[str, Any]],
+                        batch_size: int) -> dict[str, float]:
+    """``{"mse", "pearson", "spearman"}`` of ``model`` (one output) against the float labels of ``rows``
+    (correlations are NaN when the predictions or labels are constant)."""
+    preds = predict_scores(model, tokenizer, rows, batch_size)
+    labels = [float(r["labels"]) for r in rows]
+    if len(preds) != len(labels):
+        raise ValueError(f"regression: the model gives {len(preds)} outputs for {len(labels)} rows; it needs a "
+                         "one-output head (num_labels=1)")
+    mse = sum((p - y) ** 2 for p, y in zip(preds, labels)) / max(len(labels), 1)
+    two = len(labels) >= 2
+    return {"mse": mse, "pearson": pearson(preds, labels) if two else float("nan"),
+            "spearman": spearman(preds, labels) if two else float("nan")}
+
+
+def prepare_head(peft_model: torch.nn.Module, data: TextClassificationData) -> str:
+    """Check that the classification head fits ``data`` (regression: one output, ``problem_type``
+    set to ``"regression"`` so that the loss is MSE); returns the task."""
+    task = getattr(data, "task", "classification")
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    cfg = getattr(base, "config", None)
+    want = 1 if task == "regression" else data.num_labels
+    have = getattr(cfg, "num_labels", want)
+    if have != want:
+        raise ValueError(f"num_labels: the model's classification head has {have} output(s), the {task} data needs "
+                         f"{want}; build the model with num_labels={want}")
+    if cfg is not None:
+        if task == "regression":
+            cfg.problem_type = "regression"
+        elif cfg.problem_type == "regression":
+            raise ValueError("task: the model is set up for regression (problem_type='regression'), the data is "
+                             "classification")
+    return task
 
 
 def head_and_adapter_groups(model: torch.nn.Module, lr: float, head_lr: float | None = None) -> list[dict[str, Any]]:
@@ -106,10 +163,15 @@ def fit(
 ) -> TrainResult:
     """Train an already wrapped ``PeftModel`` for sequence classification, evaluate and save it.
 
-    Only parameters with ``requires_grad`` are optimised; everything else stays as it was.
+    Only parameters with ``requires_grad`` are optimised; everything else stays as it was. For
+    regression data (``data.task == "regression"``) the head must have one output; the loss is MSE and
+    the result reports Pearson/Spearman (``accuracy`` is NaN).
     """
     config = config or TrainingConfig()
     peft_config = peft_model.peft_config[peft_model.active_adapter]
+    task = prepare_head(peft_model, data)
+    if config.device is not None:
+        peft_model.to(config.device)
     params_count = count_parameters(peft_model)
     if params_count[0] == 0:
         raise ValueError(f"{method}: the PEFT config left no trainable parameters")
@@ -122,8 +184,10 @@ def fit(
     warmup = int(config.warmup_ratio * total_steps)
 
     reset_peak_rss()  # peak memory of this run only (the model is already resident)
-    initial_acc = None
-    if evaluate_before:
+    initial_acc = initial_reg = None
+    if evaluate_before and task == "regression":
+        initial_reg = evaluate_regression(peft_model, tokenizer, eval_rows, config.eval_batch_size)
+    elif evaluate_before:
         initial_acc, _ = evaluate(peft_model, tokenizer, eval_rows, config.eval_batch_size)
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -148,7 +212,7 @@ def fit(
             if step >= total_steps:
                 break
             timer.start()
-            batch = collate(tokenizer, chunk)
+            batch = _on_device(collate(tokenizer, chunk), peft_model)
             out = peft_model(**batch)
             loss = out.loss
             loss.backward()
@@ -169,8 +233,16 @@ def fit(
     train_time = time.perf_counter() - t_start
     bar.close()
 
-    accuracy, eval_loss = evaluate(peft_model, tokenizer, eval_rows, config.eval_batch_size)
+    reg: dict[str, float] = {}
+    if task == "regression":
+        reg = evaluate_regression(peft_model, tokenizer, eval_rows, config.eval_batch_size)
+        accuracy, eval_loss = float("nan"), reg["mse"]
+    else:
+        accuracy, eval_loss = evaluate(peft_model, tokenizer, eval_rows, config.eval_batch_size)
     extra = run_extra(peft_config, config, len(train_rows), len(eval_rows))
+    extra["task"] = task
+    if initial_reg is not None:
+        extra["initial_pearson"], extra["initial_spearman"] = initial_reg["pearson"], initial_reg["spearman"]
     extra["adapter_param_norm"] = adapter_param_norm(peft_model)  # L2 norm of the trained adapter tensors
     summary = getattr(peft_model.base_model, "training_summary", None)
     if summary is not None:  # each method reports its own extras (RLoRA: the PAC-Bayes terms)
@@ -180,7 +252,9 @@ def fit(
         optimizer=optimizer, train_time_s=train_time, step_times=timer, steps=step, epochs=step / steps_per_epoch,
         final_train_loss=last_loss, head_lr=config.head_lr if config.head_lr is not None else config.lr,
         extra=extra, loss_curve=curve, output_dir=output_dir, initial_accuracy=initial_acc,
+        task=task, pearson=reg.get("pearson"), spearman=reg.get("spearman"),
     )
 
 
-__all__ = ["evaluate", "fit", "head_and_adapter_groups", "linear_schedule", "train_classifier"]
+__all__ = ["evaluate", "evaluate_regression", "fit", "head_and_adapter_groups", "linear_schedule", "predict_scores",
+           "prepare_head", "train_classifier"]

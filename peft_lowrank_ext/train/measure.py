@@ -1,4 +1,5 @@
-"""What a run measures besides accuracy: memory (``/proc``), parameter counts, optimizer state, step times."""
+"""What a run measures besides accuracy: memory (``/proc``), parameter counts, optimizer state, step times,
+and the correlations of a regression run (Pearson, Spearman)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,38 @@ def adapter_param_norm(model: torch.nn.Module) -> float:
     return math.sqrt(sq)
 
 
+def pearson(x, y) -> float:
+    """Pearson correlation of two equal-length sequences; NaN when either is constant (undefined)."""
+    a = torch.as_tensor(list(x), dtype=torch.float64)
+    b = torch.as_tensor(list(y), dtype=torch.float64)
+    if a.shape != b.shape or a.numel() < 2:
+        raise ValueError(f"pearson: needs two sequences of the same length >= 2, got {a.numel()} and {b.numel()}")
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+def average_ranks(values) -> list[float]:
+    """1-based ranks of ``values``; ties get the mean of their ranks (as ``scipy.stats.rankdata``)."""
+    vals = [float(v) for v in values]
+    order = sorted(range(len(vals)), key=vals.__getitem__)
+    ranks = [0.0] * len(vals)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and vals[order[j + 1]] == vals[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson of the tie-averaged ranks); NaN when either is constant."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
 class StepTimes:
     """Wall time of each optimizer step: ``start()`` before the forward pass, ``stop()`` after the update."""
 
@@ -113,9 +146,12 @@ class StepTimes:
 __all__ = [
     "StepTimes",
     "adapter_param_norm",
+    "average_ranks",
     "count_parameters",
     "optimizer_state_bytes",
+    "pearson",
     "peak_rss_bytes",
     "reset_peak_rss",
     "rss_bytes",
+    "spearman",
 ]

@@ -68,7 +68,12 @@ def model_load_error(path: str, what: str, error: BaseException) -> ValueError:
     """One clear line for a model that cannot be loaded: a missing folder, or a hub id while offline."""
     lines = str(error).strip().splitlines()
     reason = lines[0] if lines else type(error).__name__
-    if not Path(path).exists():
+    from peft_lowrank_ext.train.hub import offline_requested
+
+    if not Path(path).exists() and offline_requested():
+        hint = ("it is not a local folder, and as a hub id it is not in the local cache while the Hugging Face Hub "
+                "cannot be reached (offline: HF_HUB_OFFLINE is set or there is no network)")
+    elif not Path(path).exists():
         hint = ("it is not a local folder, and as a hub id it could not be fetched (offline or unknown id: "
                 f"{reason})")
     else:
@@ -76,11 +81,94 @@ def model_load_error(path: str, what: str, error: BaseException) -> ValueError:
     return ValueError(f"model (--model): cannot load {what} from {path!r}: {hint}")
 
 
+MAX_LISTED_MODULES = 12
+
+
+def _linear_names(net: torch.nn.Module) -> list[str]:
+    """The distinct last name parts of the Linear (and GPT-2 style Conv1D) modules, in model order."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+        kinds: tuple[type, ...] = (torch.nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover
+        kinds = (torch.nn.Linear,)
+    names = (name.rsplit(".", 1)[-1] for name, m in net.named_modules() if name and isinstance(m, kinds))
+    return list(dict.fromkeys(names))
+
+
+def check_model(model: str | os.PathLike | None, causal_lm: bool = False, target_modules=None,
+                r: int | None = None) -> str:
+    """Before any data is loaded: the model's config loads (a hub id fails at once when offline), every name in
+    ``target_modules`` matches a module and ``r`` fits the targeted modules (checked on an empty, weightless copy
+    of the model). Returns the model path; raises one ``ValueError`` line naming ``--model``, ``--target-modules``
+    or ``--r`` otherwise."""
+    from transformers import AutoConfig
+
+    from peft_lowrank_ext.train.hub import fail_fast_offline
+
+    path = str(model) if causal_lm else resolve_model_path(model)
+    what = "a causal-LM model and tokenizer" if causal_lm else "a sequence-classification model and tokenizer"
+    fail_fast_offline(path)
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise model_load_error(path, what, e) from None
+    if target_modules or r is not None:
+        net = _empty_model(config, causal_lm)
+        if net is not None:  # else PEFT checks the targets when it wraps the model
+            targets = [str(t) for t in target_modules] if target_modules else None
+            check_target_modules(net, targets, path, r)
+    return path
+
+
+def _empty_model(config, causal_lm: bool):
+    """The architecture of ``config`` on the meta device (no memory, no weights), or None if it cannot be built."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return auto.from_config(config)
+    except Exception:  # noqa: BLE001 - any architecture transformers cannot build empty
+        return None
+
+
+def check_target_modules(net: torch.nn.Module, targets: list[str] | None, path: str, r: int | None = None) -> None:
+    """Every target names a module of ``net`` (PEFT's rule: the full name or its last dotted parts; None: PEFT's
+    defaults for the architecture), and rank ``r`` is at most min(in, out) of some targeted Linear."""
+    names = [name for name, _ in net.named_modules() if name]
+    model_type = getattr(getattr(net, "config", None), "model_type", "?")
+    if targets is None:
+        try:
+            targets = default_target_modules(net)
+        except ValueError:
+            return  # no defaults: the wrap reports it
+    else:
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            linear = _linear_names(net)
+            shown = ", ".join(linear[:MAX_LISTED_MODULES]) + (", ..." if len(linear) > MAX_LISTED_MODULES else "")
+            raise ValueError(f"target_modules (--target-modules): {', '.join(map(repr, missing))} "
+                             f"{'matches' if len(missing) == 1 else 'match'} no module of {path!r} ({model_type}); "
+                             f"its Linear modules: {shown or 'none'}")
+    if r is None:
+        return
+    widths = [min(m.in_features, m.out_features) for n, m in net.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)]
+    if widths and r > max(widths):
+        top = max(widths)
+        raise ValueError(f"argument --r: {r} is more than the rank any targeted module can have ({top} = min(in, out) "
+                         f"of the widest of {', '.join(targets)} in {path!r}); choose --r <= {top}")
+
+
 def _load(auto_model, path: str, what: str, **kwargs):
     """``(auto_model.from_pretrained(path), tokenizer)``; tokenizers without a padding token (Llama,
     GPT-2, ...) pad with their EOS (or UNK) token."""
     from transformers import AutoTokenizer
 
+    from peft_lowrank_ext.train.hub import fail_fast_offline
+
+    fail_fast_offline(path)
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -152,6 +240,8 @@ def wrap_classifier(peft_config, model: str | os.PathLike | None, num_labels: in
 
 
 __all__ = [
+    "check_model",
+    "check_target_modules",
     "default_target_modules",
     "fill_target_modules",
     "load_causal_lm",

@@ -121,8 +121,22 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[int], list[str], list[list[fl
     return layers, types, grid
 
 
+METRICS = ("rank", "sparsity")
+
+
+def _measure(model: nn.Module, adapter_name: str, metric: str) -> dict:
+    if metric == "rank":
+        return module_ranks(model, adapter_name)
+    from ..tuners.prilora import prilora_sparsity
+
+    return prilora_sparsity(model, adapter_name)
+
+
 class RankHistory:
     """Snapshots ``(optimizer step, module_ranks)`` taken after every ``every``-th optimizer step.
+
+    ``metric="sparsity"`` records ``prilora_sparsity`` (fraction of A's entries pruned, per module) instead:
+    PRILoRA prunes entries, not ranks, so its ranks stay flat while its sparsity moves.
 
     Hangs on the package's global optimizer-step hooks (``runtime/step_hooks.py``), so it records by itself
     in a plain loop, HF ``Trainer`` and TRL ``SFTTrainer``; it runs after the methods' own
@@ -130,17 +144,26 @@ class RankHistory:
     Steps are counted from ``attach()`` (1 = the first optimizer step seen).
     """
 
-    def __init__(self, model: nn.Module, every: int = 1, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, every: int = 1, adapter_name: str = "default", metric: str = "rank") -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} is not allowed; it must be an integer >= 1 (record every n-th step)")
+        if metric not in METRICS:
+            raise ValueError(f"metric={metric!r} is not allowed; choose one of {list(METRICS)} "
+                             "('sparsity' for PRILoRA adapters)")
         self.model = model
         self.every = every
         self.adapter_name = adapter_name
-        self.snapshots: list[tuple[int, dict[str, int]]] = []
+        self.metric = metric
+        self.snapshots: list[tuple[int, dict[str, float]]] = []
         self.steps_seen = 0
         self._key = f"rank_history_{id(self)}"
         self._root: nn.Module | None = None
         module_ranks(model, adapter_name)  # fail now, not at the first step, for a wrong adapter name
+        if metric == "sparsity":
+            try:
+                _measure(model, adapter_name, metric)
+            except ValueError as e:
+                raise ValueError(f"metric='sparsity' is not allowed for this model: {e} (it needs PRILoRA)") from None
 
     def attach(self) -> "RankHistory":
         # The global hook table must not keep the model alive through this object: hold it weakly.
@@ -160,11 +183,11 @@ class RankHistory:
             unregister_step_callbacks(self._root, self._key)
             self._root = None
 
-    def record(self, step: int) -> dict[str, int]:
+    def record(self, step: int) -> dict[str, float]:
         """Take a snapshot now, labelled ``step`` (e.g. ``record(0)`` before training)."""
-        ranks = module_ranks(self.model, self.adapter_name)
-        self.snapshots.append((int(step), ranks))
-        return ranks
+        values = _measure(self.model, self.adapter_name, self.metric)
+        self.snapshots.append((int(step), values))
+        return values
 
     def _after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.steps_seen += 1

@@ -38,6 +38,7 @@ class TrainingConfig:
     seed: int = 0
     progress: bool = True
     log_every: int = 10
+    device: str | None = None  # e.g. "cuda": move the model there before training; None: leave it where it is
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, what: str) -> ValueError:
@@ -63,6 +64,13 @@ class TrainingConfig:
             raise bad("weight_decay", self.weight_decay, ">= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise bad("max_grad_norm", self.max_grad_norm, "> 0 or None")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise bad("device", self.device, "a torch device such as 'cpu', 'cuda' or 'cuda:1', or None") from None
 
     def total_steps(self, num_train_rows: int) -> int:
         """Optimizer steps of the run: ``max_steps``, or ``epochs`` over ``num_train_rows``."""
@@ -71,7 +79,11 @@ class TrainingConfig:
 
 @dataclass
 class TrainResult:
-    """What one training run measured. Times are seconds, sizes bytes."""
+    """What one training run measured. Times are seconds, sizes bytes.
+
+    ``task`` is ``"classification"`` (``accuracy``), ``"regression"`` (``pearson``/``spearman`` on the
+    evaluation split, ``eval_loss`` = mean squared error, ``accuracy`` NaN) or ``"causal-lm"``.
+    """
 
     method: str
     accuracy: float
@@ -93,6 +105,9 @@ class TrainResult:
     adapter_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, training loss)
+    task: str = "classification"
+    pearson: float | None = None  # regression only
+    spearman: float | None = None  # regression only
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +153,9 @@ def make_result(
     loss_curve: list[tuple[int, float]],
     output_dir: str | os.PathLike | None = None,
     initial_accuracy: float | None = None,
+    task: str | None = None,
+    pearson: float | None = None,
+    spearman: float | None = None,
 ) -> TrainResult:
     """Save the adapter and assemble the :class:`TrainResult` of a finished run (``params``:
     ``(trainable, total)`` counted before training). The wrapped model rides along as
@@ -166,6 +184,9 @@ def make_result(
         adapter_dir=adapter_dir,
         extra=extra,
         loss_curve=loss_curve,
+        task=task or extra.get("task", "classification"),
+        pearson=pearson,
+        spearman=spearman,
     )
     result.peft_model = peft_model
     return result
