@@ -53,7 +53,8 @@ from bench.common import (  # noqa: E402
 
 offline(hub="--dataset" not in sys.argv)
 
-METHODS = ("lora_r2", "lora_r8", "adalora", "vera", "full_ft", "rlora", "autolora", "prilora",
+METHODS = ("lora_r2", "lora_r8", "adalora", "vera", "full_ft", "rlora", "autolora", "autolora_first_order",
+           "autolora_every10", "prilora",
            "heterolora_static", "heterolora_dynamic")
 SCHEMA = "peft-lowrank-ext/compare/1"
 DEFAULT_OUTPUT_DIR = RESULTS_DIR
@@ -75,6 +76,7 @@ def load_data(args):
 
     if args.dataset is None:
         return load_text_classification(args.train_file, args.eval_file, args.text_column, args.label_column,
+                                        text_pair_column=args.text_pair_column,
                                         max_train_samples=args.max_train_samples,
                                         max_eval_samples=args.max_eval_samples)
     if args.train_file or args.eval_file:
@@ -155,12 +157,15 @@ def method_settings(method: str, d: dict[str, Any], total_steps: int, steps_per_
                                projection_ratio=d["projection_ratio"], pac_bayes_weight=d["pac_bayes_weight"],
                                num_train_examples=n_train),
                 "lr": d["rlora_lr"], "head_lr": lr, "why": "the CLI's RLoRA defaults"}
-    if method == "autolora":
+    if method in ("autolora", "autolora_first_order", "autolora_every10"):
+        hypergradient = "first_order" if method == "autolora_first_order" else "darts_real_step"
+        every = 10 if method == "autolora_every10" else 1
         return {"config": dict(r=r, lora_alpha=2 * r, target_modules=targets, arch_lr=1e-2,
-                               held_out_fraction=0.3),
+                               held_out_fraction=0.3, hypergradient=hypergradient, search_every=every),
                 "lr": lr, "head_lr": lr,
-                "why": "second-order search (the authors') at r=8 with β's Adam lr 1e-2 (bench/autolora.py), "
-                       "30% of the training set held out; retrain LoRA with the selected ranks on all of it"}
+                "why": f"{hypergradient} search at r=8 with β updated every {every} step(s) at Adam lr 1e-2 "
+                       "(bench/autolora.py), the head as initialised (the authors'), 30% of the training set "
+                       "held out; retrain LoRA (dropout 0.1) with the selected ranks on all of it"}
     if method == "prilora":
         return {"config": dict(r_first=4, r_last=12, lora_alpha=2 * r, target_modules=targets,
                                prune_every=max(1, total_steps // 30), prune_start=total_steps // 10,
@@ -280,7 +285,7 @@ def run_one(method: str, seed: int, data, args, defaults: dict[str, Any]) -> dic
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method == "autolora":
+        if method.startswith("autolora"):
             row.update(_run_autolora(settings, data, args, seed))
         else:
             model, tokenizer = _wrapped(method, settings["config"], data, args.model, seed)
@@ -415,6 +420,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-file", default=None, metavar="PATH", help="local training file instead")
     g.add_argument("--eval-file", default=None, metavar="PATH", help="local evaluation file")
     g.add_argument("--text-column", default="text", metavar="NAME")
+    g.add_argument("--text-pair-column", default=None, metavar="NAME", help="second text of sentence pairs")
     g.add_argument("--label-column", default="label", metavar="NAME")
     g.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="N")
     g.add_argument("--max-eval-samples", type=_positive_int, default=None, metavar="N")

@@ -14,8 +14,10 @@ from .tuners.autolora import (
     retrain_lora_config,
     run_autolora,
 )
-from .tuners.prilora import PriLoraConfig, PriLoraModel, prilora_ranks, prilora_sparsity, prilora_step
-from .tuners.heterolora import HeteroLoraConfig, HeteroLoraModel, heterolora_allocation, heterolora_score
+from .tuners.prilora import (PriLoraConfig, PriLoraModel, PriLoraScheduleCallback, prilora_ranks, prilora_sparsity,
+                             prilora_step, set_prilora_total_steps)
+from .tuners.heterolora import (HeteroLoraConfig, HeteroLoraData, HeteroLoraModel, heterolora_allocation,
+                                heterolora_score)
 
 from .export import export_lora
 from .runtime.integrity import CorruptFileError, verify_adapter_folder, verify_checkpoint
@@ -29,7 +31,8 @@ __all__ = [
     "RLoraConfig", "RLoraModel", "pac_bayes_stats",
     "AutoLoraConfig", "AutoLoraModel", "AutoLoraSearch", "autolora_ranks", "autolora_select",
     "retrain_lora_config", "run_autolora",
-    "PriLoraConfig", "PriLoraModel", "prilora_ranks", "prilora_sparsity", "prilora_step",
-    "HeteroLoraConfig", "HeteroLoraModel", "heterolora_allocation", "heterolora_score",
+    "PriLoraConfig", "PriLoraModel", "PriLoraScheduleCallback", "prilora_ranks", "prilora_sparsity", "prilora_step",
+    "set_prilora_total_steps",
+    "HeteroLoraConfig", "HeteroLoraData", "HeteroLoraModel", "heterolora_allocation", "heterolora_score",
     "export_lora", "CorruptFileError", "verify_adapter_folder", "verify_checkpoint", "__version__",
 ]

@@ -353,7 +353,7 @@ def test_selection_ranks_export_and_retrain_config(tmp_path):
     selected_out = model(**inputs).logits.detach()
 
     # Export of the selected adapter is exact and has the selected per-module ranks.
-    lora_cfg = peft_lowrank_ext.export_lora(model, tmp_path / "lora")
+    lora_cfg = peft_lowrank_ext.export_lora(model, tmp_path / "lora", layout="compact")
     reloaded = PeftModel.from_pretrained(LLAMA.build(), tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, selected_out, atol=1e-5, rtol=1e-5)
