@@ -40,6 +40,7 @@ class KernelSpec:
     constexprs: tuple[tuple[str, object], ...]
     num_warps: int
     int_args: tuple[tuple[str, int], ...] = ()  # sample runtime integers: the JIT specialises on them
+    max_registers: int | None = None  # the launch's maxnreg, if it sets one
 
 
 @dataclasses.dataclass
@@ -75,7 +76,8 @@ def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
     The fusion switches and ``LOG2_S`` are constexprs, so a binary is fixed by tile shape, stride,
     switches, dtypes, SPLIT and the JIT's integer specialisation at the sample sizes.
     """
-    from peft_lowrank_ext.kernels._triton_hadamard import FUSION_FLAGS, MIN_LOG2, NUM_WARPS, plan_passes, split_dot
+    from peft_lowrank_ext.kernels._triton_hadamard import (FUSION_FLAGS, MIN_LOG2, NUM_WARPS, max_registers,
+                                                           plan_passes, split_dot)
 
     roles = {name: (dts, ((), ()), FWHT_ROWS, None, None) for name, dts in _fwht_roles().items() if name != "fastfood"}
     # (prologue, epilogue) switches, padded input length d_in and truncated output length d_out.
@@ -110,10 +112,12 @@ def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
                           SPLIT=split)
                 layout = f"strided S=2^{plan.log2_s}" if cfg.strided else "contiguous"
                 fused = "+".join(sorted(on)) or "no fusion"
-                config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={NUM_WARPS} {src}->{dst} "
+                cap = max_registers(cfg.log2_m, cfg.strided, split)
+                config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={NUM_WARPS}"
+                          f"{f' maxnreg={cap}' if cap else ''} {src}->{dst} "
                           f"{'split-tf32' if split else 'tf32'} {fused} (n=2^{log2_n}, {role})")
                 specs[key] = KernelSpec("peft_lowrank_ext.kernels._triton_hadamard", "fwht_pass_kernel", config,
-                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS, tuple(ints.items()))
+                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS, tuple(ints.items()), cap)
     return list(specs.values())
 
 
@@ -235,7 +239,10 @@ def _compile(spec: KernelSpec):
     log = io.StringIO()
     with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True  # Triton already runs ptxas -v: keep its log
-        compiled = triton.compile(src, target=target, options={"num_warps": spec.num_warps})
+        options = {"num_warps": spec.num_warps}
+        if spec.max_registers is not None:
+            options["maxnreg"] = spec.max_registers
+        compiled = triton.compile(src, target=target, options=options)
     return compiled, log.getvalue() or _ptxas_log(compiled.asm["ptx"]), used
 
 

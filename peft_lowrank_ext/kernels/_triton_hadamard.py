@@ -31,6 +31,14 @@ MAX_LOG2 = 30  # tile offsets are int32 (row offsets are int64)
 NUM_WARPS = 8  # 4 warps need ~180 registers per thread for a 4096-value fp32 tile
 
 
+def max_registers(log2_m: int, strided: bool, split: bool) -> int | None:
+    """The launch's ``maxnreg``: None (ptxas decides) except for strided split-tf32 passes of 2^5-point
+    lines, where ptxas alone stops at 64 registers and spills (16 bytes on sm_90 with a fused row scale at
+    S = 2^18) and caps of 96 or 128 spill at other strides; with 168 all 25 such configs compile without
+    spills (68–132 registers). bench/sm90_report.py compiles every config with the cap it launches with."""
+    return 168 if strided and split and log2_m <= 5 else None
+
+
 @triton.jit
 def _hadamard_tile(BITS: tl.constexpr):
     """16×16 matrix ``H_{2^BITS} ⊗ I_{16 / 2^BITS}``: it transforms the top BITS of 4 index bits."""
@@ -245,6 +253,7 @@ def _launch_pass(src, dst, rows, log2_l, plan: PassPlan, fusion: Fusion, in_cols
         src, dst, *operands, n_lines, in_cols, out_cols, log2_l, out_scale if plan.last else 1.0,
         LOG2_S=plan.log2_s, **dict(zip(FUSION_FLAGS, flags)),
         LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided, SPLIT=split, num_warps=NUM_WARPS,
+        maxnreg=max_registers(cfg.log2_m, cfg.strided, split),
     )
 
 
