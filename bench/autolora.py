@@ -49,20 +49,6 @@ VARIANTS = {
 TARGETS = ["query", "value"]
 
 
-def mean_step_time(model, batches, steps: int, warmup: int = 2) -> float:
-    """Mean wall time of ``steps`` optimizer steps after ``warmup`` (a multiple of the β period)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
-        batch = batches[i % len(batches)]
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
-
-
 def _configs(r: int, targets: list[str], task_type: str | None) -> dict:
     out = {"lora": lambda: LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task_type)}
     for name, (hypergradient, every) in VARIANTS.items():
@@ -71,15 +57,29 @@ def _configs(r: int, targets: list[str], task_type: str | None) -> dict:
     return out
 
 
-def _time_all(build, configs: dict, batches, steps: int) -> dict:
-    out = {}
+def _time_all(build, configs: dict, batches, steps: int, rounds: int = 5) -> dict:
+    """Median over ``rounds`` interleaved rounds of each variant's mean step time over ``steps`` optimizer
+    steps (a multiple of every β period, so a β step every k steps is counted once per k): interleaving
+    spreads machine noise over all variants alike."""
+    runs = {}
     for name, make in configs.items():
         model = get_peft_model(build(), make())
         if name != "lora":
             AutoLoraSearch(batches[::-1]).attach(model)
-        # warm-up: one whole β period, so the timed steps (a multiple of every period) start on a β step
-        out[name] = mean_step_time(model, batches, steps, warmup=2 if name == "lora" else VARIANTS[name][1])
-    return out
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        runs[name] = (model, opt)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds + 1):  # round 0 warms up (and runs each β period once)
+        for name, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            for i in range(steps):
+                model(**batches[i % len(batches)]).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if round_:
+                times[name].append((time.perf_counter() - t0) / steps)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def minilm_step_times(data, r: int, steps: int) -> dict:

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python bench/real_tasks.py`: import from the r
 
 from bench.common import RESULTS_DIR  # noqa: E402
 
+DOC_START, DOC_END = "<!-- real-tasks:start -->", "<!-- real-tasks:end -->"
 CACHE = Path.home() / ".cache" / "peft-lowrank-ext" / "real-tasks"
 
 
@@ -209,6 +210,11 @@ def main(argv=None) -> int:
     if args.render_only:
         text = render(args.output_dir)
         (args.output_dir / "summary.md").write_text(text)
+        docs = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+        page = docs.read_text()
+        if DOC_START in page and DOC_END in page:  # the real-task section of docs/benchmarks.md
+            head, rest = page.split(DOC_START, 1)
+            docs.write_text(head + DOC_START + "\n" + text + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
         print(text)
         return 0
     from bench import compare_methods

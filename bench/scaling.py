@@ -17,7 +17,7 @@ the same targets (configs from :func:`peft_lowrank_ext.cli.recipes.peft_config`)
 
 * ``lora`` — PEFT LoRA;
 * ``rlora`` — RLoRA at projection ratio 0.05 with the PAC-Bayes term (weight 0.1);
-* ``autolora`` — an AutoLoRA *search* step (second-order hypergradient on one held-out batch);
+* ``autolora`` — an AutoLoRA *search* step (the authors' ``darts_real_step`` hypergradient on one held-out batch);
 * ``prilora`` — PRILoRA with pruning statistics gathered and a pruning event every step;
 * ``heterolora`` — HeteroLoRA after allocation (half of the candidates on).
 
@@ -70,7 +70,7 @@ def method_settings(method: str, r: int) -> dict[str, Any]:
     return {
         "lora": {},
         "rlora": dict(projection_ratio=0.05, pac_bayes_weight=0.1, num_train_examples=1000),
-        "autolora": {},  # a search step: second-order hypergradient on one held-out batch
+        "autolora": dict(hypergradient="darts_real_step"),  # a search step: the authors' hypergradient
         "prilora": dict(r_first=r, r_last=r, prune_every=1, prune_start=0, prune_end=10**6, final_sparsity=0.5),
         "heterolora": dict(budget=0.5, proxy="grad_norm", proxy_batches=1),
     }[method]
@@ -84,7 +84,7 @@ WHY = {
              "grows with r and width and is amortised only by many tokens per step (here batch 1 × short "
              "sequences, the worst case).",
     "autolora": "An AutoLoRA search step adds a forward/backward pass of a held-out batch (first order) plus two "
-                "more for the finite-difference Hessian-vector product (second order): three to four times a LoRA "
+                "more for the finite-difference Hessian-vector product (darts_real_step): three to four times a LoRA "
                 "step at every size and rank, by construction, plus a weight copy for the look-ahead (memory "
                 "grows with r like LoRA's). Measured ratios far from that band are load noise.",
     "prilora": "PRILoRA's gated layer keeps A and B at full size r for the whole run (pruning is a mask, shapes "

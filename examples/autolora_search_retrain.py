@@ -43,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common_args(parser, lr=2e-3)
     parser.add_argument("--r", type=positive_int, default=8, help="search rank per module (default %(default)s)")
     parser.add_argument("--hypergradient", choices=["darts_real_step", "darts_virtual_sgd", "first_order"],
-                        default="darts_real_step",
-                        help="β's hypergradient: the authors' darts_real_step (default), darts_virtual_sgd, "
-                             "or the cheaper first_order")
+                        default="first_order",
+                        help="β's hypergradient: first_order (default, the cheapest), the authors' darts_real_step, "
+                             "or darts_virtual_sgd")
     parser.add_argument("--arch-lr", type=positive_float, default=1e-2,
                         help="Adam learning rate of β (default %(default)s)")
     parser.add_argument("--held-out-fraction", type=positive_float, default=0.3,

@@ -292,7 +292,7 @@ def test_old_hypergradient_name_reads_as_darts_virtual_sgd():
 
 def test_authors_defaults_alpha_16_retrain_dropout_and_frozen_head_in_search():
     config = AutoLoraConfig(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    assert (config.lora_alpha, config.retrain_dropout, config.hypergradient) == (16.0, 0.1, "darts_real_step")
+    assert (config.lora_alpha, config.retrain_dropout, config.hypergradient) == (16.0, 0.1, "first_order")
     model = get_peft_model(LLAMA.build(), AutoLoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                         modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
     autolora_select(model)

@@ -48,10 +48,11 @@ class AutoLoraConfig(LowRankPeftConfig):
                           "'normalized' (β_j / Σβ on raw β initialised to ones, the authors' run_glue_search.py)."},
     )
     hypergradient: str = field(
-        default="darts_real_step",
-        metadata={"help": "'darts_real_step' (the authors' betty 'darts': a real optimizer step, then the held-out "
-                          "gradient plus a finite-difference implicit term, no ξ), 'darts_virtual_sgd' (DARTS' "
-                          "virtual SGD step of size ξ, implicit term × ξ) or 'first_order' (held-out gradient only)."},
+        default="first_order",
+        metadata={"help": "'first_order' (the held-out gradient only; the default, chosen by measurement, see "
+                          "docs/methods/autolora.md), 'darts_real_step' (the authors' betty 'darts': a real optimizer "
+                          "step, then the held-out gradient plus a finite-difference implicit term, no ξ) or "
+                          "'darts_virtual_sgd' (DARTS' virtual SGD step of size ξ, implicit term × ξ)."},
     )
     search_every: int = field(
         default=1,
