@@ -92,8 +92,9 @@ def load_data(args):
     for split, opt in ((args.train_split, "--train-split"), (args.eval_split, "--eval-split")):
         if split not in loaded:
             raise ValueError(f"{opt} {split!r}: not a split of {args.dataset!r}; available: {list(loaded)}")
-    train = normalise_columns(loaded[args.train_split], args.text_column, args.label_column, "train_file")
-    evald = normalise_columns(loaded[args.eval_split], args.text_column, args.label_column, "eval_file")
+    pair = dict(text_pair_column=args.text_pair_column)
+    train = normalise_columns(loaded[args.train_split], args.text_column, args.label_column, "train_file", **pair)
+    evald = normalise_columns(loaded[args.eval_split], args.text_column, args.label_column, "eval_file", **pair)
     train = limit_rows(train.shuffle(seed=0), args.max_train_samples, "max_train_samples")
     evald = limit_rows(evald, args.max_eval_samples, "max_eval_samples")
     num_labels = max(train["label"]) + 1

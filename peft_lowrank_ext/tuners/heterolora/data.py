@@ -140,14 +140,6 @@ def attached(root: nn.Module) -> Optional[HeteroLoraData]:
     return root.__dict__.get(DATA_ATTR)
 
 
-def realloc_schedule_ok(config) -> None:
-    """Fail before the first step when a fractional ``realloc_every`` cannot be resolved."""
-    from .config import realloc_steps
-
-    if config.mode == "dynamic":
-        realloc_steps(config)
-
-
 def next_due(config, step: int) -> int:
     """The step before which the next allocation runs (authors' timing): the next multiple of
     ``realloc_every`` within the epoch, or the first step of the next epoch; -1 in static mode."""

@@ -15,7 +15,7 @@ from ...runtime.step_hooks import register_step_callbacks
 from .config import PriLoraConfig
 from .depth import block_position, linear_rank
 from .layer import PriLoraLayer, PriLoraLinear, install_token_mask
-from .pruning import Schedule, ramp_fraction, resolve_schedule
+from .pruning import Schedule, is_prune_step, resolve_schedule, sparsity_at
 
 
 class PriLoraModel(GatedTuner):
@@ -115,16 +115,9 @@ def prilora_post_step(root: nn.Module, optimizer: torch.optim.Optimizer | None =
         layer._store("step")[adapter].add_(1)
     device = entries[0][0]._store("step")[entries[0][1]].device
     steps = torch.stack([layer._store("step")[a].to(device) for layer, a in entries]).tolist()  # one sync
-    for (layer, adapter), step, (start, end, every) in zip(entries, steps, schedules):
-        if step >= start and ((step - start) % every == 0 or step == max(end, 1)):
-            layer.prune(adapter, step, _sparsity(layer._store("config")[adapter], step, start, end))
-
-
-def _sparsity(config, step: int, start: int, end: int) -> float:
-    p = ramp_fraction(step, start, end)
-    if config.sparsity_schedule == "linear":
-        return config.final_sparsity * p
-    return config.final_sparsity * (1.0 - (1.0 - p) ** 3)
+    for (layer, adapter), step, schedule in zip(entries, steps, schedules):
+        if is_prune_step(schedule, step):
+            layer.prune(adapter, step, sparsity_at(layer._store("config")[adapter], step, schedule))
 
 
 # ----- the run's length ---------------------------------------------------------------------------

@@ -100,18 +100,21 @@ def resolve_schedule(config, total_steps: int | None, owner: str = "PriLoraConfi
 
 def scheduled_sparsity(config, step: int, total_steps: int | None = None) -> float:
     """The fraction of each row of ``A`` to mask after ``step`` completed optimizer steps."""
-    schedule = resolve_schedule(config, total_steps)
+    return sparsity_at(config, step, resolve_schedule(config, total_steps))
+
+
+def sparsity_at(config, step: int, schedule: Schedule) -> float:
+    """:func:`scheduled_sparsity` on an already resolved schedule."""
     p = ramp_fraction(step, schedule.start, schedule.end)
     if config.sparsity_schedule == "linear":
         return config.final_sparsity * p
     return config.final_sparsity * (1.0 - (1.0 - p) ** 3)
 
 
-def is_prune_step(config, step: int, total_steps: int | None = None) -> bool:
-    start, end, every = resolve_schedule(config, total_steps)
-    if step < start:
-        return False
-    return (step - start) % every == 0 or step == max(end, 1)
+def is_prune_step(schedule: Schedule, step: int) -> bool:
+    """Whether a pruning event follows optimizer step ``step`` (every ``every`` from ``start``, and at ``end``)."""
+    start, end, every = schedule
+    return step >= start and ((step - start) % every == 0 or step == max(end, 1))
 
 
 def pruned_per_row(sparsity: float, d_in: int) -> int:
