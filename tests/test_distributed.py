@@ -43,8 +43,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(command: list[str], out_dir: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+def _launch(command: list[str], out_dir: Path, **extra_env: str) -> None:
+    env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true",
            "ACCELERATE_DISABLE_RICH": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(out_dir / "hf_home")}
     proc = subprocess.run([sys.executable, "-m", *command], cwd=WORKERS.parent.parent, env=env,

@@ -523,11 +523,12 @@ class _Blocks(nn.Module):
         return x
 
 
-def _ddp_worker(rank, world, init_file, out_dir, broadcast_buffers):
+def _ddp_worker(rank, world, port, out_dir, broadcast_buffers):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A TCP store: with a file store, one replica once hung in destroy_process_group after both had saved.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         config = PriLoraConfig(r_first=2, r_last=4, target_modules=["proj"], init_weights=False, prune_every=1,
@@ -546,6 +547,7 @@ def _ddp_worker(rank, world, init_file, out_dir, broadcast_buffers):
             opt.step()
             opt.zero_grad()
         torch.save(_state(model), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -556,7 +558,9 @@ def test_data_parallel_replicas_take_identical_decisions(tmp_path, broadcast_buf
 
     # spawn, not fork: a fork of the test process can inherit a lock held by another thread (seen as a hung
     # replica once the suite had run bitsandbytes and PEFT's own tests in the same process).
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), broadcast_buffers), nprocs=2,
+    from test_distributed import _free_port
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path), broadcast_buffers), nprocs=2,
                        join=True, start_method="spawn")
     states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     masks = [n for n in states[0] if n.endswith("element_mask.default")]

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peft_lowrank_ext import RLoraConfig
 from peft_lowrank_ext.kernels.hadamard import hadamard_matrix
@@ -136,7 +136,7 @@ def test_fresh_adapter_is_a_no_op_and_only_z_is_saved(tmp_path):
         assert key.endswith("rlr_z") and tensor.shape == (math.ceil(0.1 * 4 * (d_in + d_out)),)
 
 
-def test_learnable_scale_and_sigma_are_saved_as_scalars(tmp_path):
+def test_learnable_scale_and_sigma_are_saved_as_one_element_vectors(tmp_path):
     case = TINY_MODELS["llama"]
     config = RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"], learnable_scale=True,
                          learn_posterior_sigma=True)
@@ -144,7 +144,27 @@ def test_learnable_scale_and_sigma_are_saved_as_scalars(tmp_path):
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     shapes = sorted((k.rsplit(".", 1)[-1], tuple(v.shape)) for k, v in saved.items())
-    assert shapes == [("rlr_log_sigma", ())] * 2 + [("rlr_scale", ())] * 2 + [("rlr_z", (16,))] * 2
+    assert shapes == [("rlr_log_sigma", (1,))] * 2 + [("rlr_scale", (1,))] * 2 + [("rlr_z", (16,))] * 2
+
+
+def test_adapter_saved_with_scalar_scale_and_sigma_still_loads(tmp_path):
+    """Earlier versions saved the learned scale and log σ_q as 0-d tensors (FSDP2 / ZeRO refuse those)."""
+    case = TINY_MODELS["llama"]
+    config = RLoraConfig(r=2, intrinsic_dim=16, target_modules=["q_proj"], learnable_scale=True,
+                         learn_posterior_sigma=True, init_weights=False)
+    model = get_peft_model(case.build(), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "rlr_scale" in name or "rlr_log_sigma" in name:
+                param.fill_(0.7)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: (v.reshape(()) if v.numel() == 1 else v) for k, v in load_file(path).items()}, path)
+    assert any(v.dim() == 0 for v in load_file(path).values())
+    loaded = PeftModel.from_pretrained(case.build(), tmp_path)
+    ids = torch.randint(0, 32, (2, 5))
+    model.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_loading_adapter_of_other_projection_version_fails_clearly(tmp_path):

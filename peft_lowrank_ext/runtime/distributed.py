@@ -45,6 +45,12 @@ def fsdp_kind(tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
+def deepspeed_managed(param: torch.Tensor) -> bool:
+    """Whether ``param`` belongs to a DeepSpeed ZeRO engine (ZeRO-3: partitioned, ``ds_id``; ZeRO-1/2: linked
+    to its fp32 partition, ``_hp_mapping``)."""
+    return hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")
+
+
 def replica_reduce(tensors: list[Optional[torch.Tensor]], op: str = "mean") -> list[Optional[torch.Tensor]]:
     """Sum or mean (``op``) of each tensor over all replicas, in one all-reduce; ``None`` entries stay ``None``.
 

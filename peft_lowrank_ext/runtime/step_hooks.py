@@ -5,7 +5,8 @@ is silently skipped under ``Trainer``). So the methods of this package attach th
 work to PyTorch's *global* optimizer step hooks: a registered model's callbacks run whenever an
 optimizer steps that holds at least one of the model's trainable parameters — in a plain loop,
 HF ``Trainer`` and TRL ``SFTTrainer`` alike, once per optimizer step (after gradient accumulation
-and clipping). Models are held by weak reference.
+and clipping). Models are held by weak reference. Under DeepSpeed ZeRO, whose inner optimizer holds
+none of the model's parameters, ``deepspeed_steps`` runs the same callbacks at the engine's step.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .deepspeed_steps import install_if_loaded
+
 # callback(model, optimizer) -> None
 StepCallback = Callable[[nn.Module, torch.optim.Optimizer], None]
 
-_CALLBACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[StepCallback | None, StepCallback | None]]]" = (
+_CALLBACKS: "weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[StepCallback | None, StepCallback | None, bool]]]" = (
     weakref.WeakKeyDictionary()
 )
 _HANDLES: list = []
@@ -33,13 +36,19 @@ _IN_CALLBACKS = [False]
 
 
 def register_step_callbacks(
-    model: nn.Module, key: str, pre: StepCallback | None = None, post: StepCallback | None = None
+    model: nn.Module, key: str, pre: StepCallback | None = None, post: StepCallback | None = None,
+    reads_whole_tensors: bool = True,
 ) -> None:
-    """Run ``pre``/``post`` around every optimizer step that updates ``model`` (idempotent per ``key``)."""
+    """Run ``pre``/``post`` around every optimizer step that updates ``model`` (idempotent per ``key``).
+
+    ``reads_whole_tensors=False`` marks callbacks that only run the model (forward passes) and never read
+    parameters or gradients directly: under DeepSpeed ZeRO-3 they run before the parameters are gathered
+    (a forward inside a gathered block cannot release them), see ``deepspeed_steps``.
+    """
     if not _HANDLES:
         _HANDLES.append(register_optimizer_step_pre_hook(lambda opt, a, k: _run(opt, 0)))
         _HANDLES.append(register_optimizer_step_post_hook(lambda opt, a, k: _run(opt, 1)))
-    _CALLBACKS.setdefault(model, {})[key] = (pre, post)
+    _CALLBACKS.setdefault(model, {})[key] = (pre, post, reads_whole_tensors)
     if model.__dict__.get(_FORWARD_HOOK_ATTR) is None:
         object.__setattr__(model, _FORWARD_HOOK_ATTR, model.register_forward_pre_hook(_count_training_forward))
 
@@ -47,6 +56,12 @@ def register_step_callbacks(
 def _count_training_forward(model: nn.Module, args) -> None:
     if torch.is_grad_enabled() and not _IN_CALLBACKS[0]:
         _FORWARDS[model] = _FORWARDS.get(model, 0) + 1
+        install_if_loaded()
+
+
+def registered_models() -> list[nn.Module]:
+    """The models that have step callbacks."""
+    return list(_CALLBACKS.keys())
 
 
 def unregister_step_callbacks(model: nn.Module, key: str) -> None:
@@ -104,9 +119,21 @@ def _run(optimizer: torch.optim.Optimizer, which: int) -> None:
         else:  # ... and the post-step reads that decision instead of walking the model again
             carries = _ROUNDS.get(model, [set(), {}, None])[1].get(id(optimizer), False)
         if carries:
-            _IN_CALLBACKS[0] = True
-            try:
-                for callback in active:
-                    callback(model, optimizer)
-            finally:
-                _IN_CALLBACKS[0] = False
+            _call(model, optimizer, active)
+
+
+def run_model_callbacks(model: nn.Module, optimizer, which: int, reads_whole_tensors: bool) -> None:
+    """Run ``model``'s pre (``which=0``) or post (1) callbacks registered with ``reads_whole_tensors`` now: for
+    loops whose optimizer steps are not torch optimizer steps of the model's parameters (``deepspeed_steps``)."""
+    callbacks = _CALLBACKS.get(model, {})
+    _call(model, optimizer, [cb[which] for cb in callbacks.values()
+                             if cb[which] is not None and cb[2] == reads_whole_tensors])
+
+
+def _call(model: nn.Module, optimizer, active: list[StepCallback]) -> None:
+    _IN_CALLBACKS[0] = True
+    try:
+        for callback in active:
+            callback(model, optimizer)
+    finally:
+        _IN_CALLBACKS[0] = False

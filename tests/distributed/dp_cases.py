@@ -80,7 +80,8 @@ CASES = {
 
 # FSDP runs: the configurations that work, compared with one process like DDP ...
 FSDP2_CASES = {
-    # No scalar parameters (σ_q fixed, no learnable scale): fully_shard refuses 0-d parameters.
+    # Learned σ_q is a 1-element vector (fully_shard refuses 0-d parameters), so the full case runs.
+    "rlora": CASES["rlora"],
     "rlora_fixed_sigma": DpCase("rlora_fixed_sigma", "rlr_", lambda: RLoraConfig(
         r=4, lora_alpha=8, projection_ratio=0.25, target_modules=_targets(), task_type="CAUSAL_LM",
         init_weights=False, init_std=0.5, seed=3, pac_bayes_weight=0.5, num_train_examples=64)),
@@ -100,7 +101,6 @@ FSDP_CASES = {"fsdp2": FSDP2_CASES, "fsdp1": FSDP1_CASES}
 # ... and those they refuse, with the part of the error they must raise.
 FSDP_REFUSED = {
     "fsdp2": {
-        "rlora": "fully_shard doesn't support scalar parameters",  # torch's own message (learn_posterior_sigma)
         "autolora": "AutoLoRA search phase under FSDP2 (fully_shard) is not supported",
         "heterolora_static": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported",
     },
@@ -113,6 +113,18 @@ FSDP_REFUSED = {
     },
 }
 ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES}
+# DeepSpeed ZeRO-2 / ZeRO-3 runs (stage:case) through deepspeed.initialize, compared with one process ...
+DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
+                  for name in ("rlora", "autolora", "prilora", "heterolora_static", "heterolora_dynamic",
+                               "heterolora_prescored")]
+# ... and through HF Trainer(TrainingArguments(deepspeed=...)), its defaults (AdamW, clipping 1.0).
+DEEPSPEED_TRAINER_RUNS = [f"{stage}:{name}" for stage in (2, 3)
+                          for name in ("rlora", "autolora", "prilora", "heterolora_dynamic")]
+# What each stage refuses, with the part of the error it must raise.
+DEEPSPEED_REFUSED = {
+    3: {"autolora": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported",
+        "heterolora_static": "HeteroLoRA proxy='synflow' under DeepSpeed ZeRO-3 is not supported"},
+}
 
 
 # ----- data -------------------------------------------------------------------------------------
@@ -169,6 +181,41 @@ def train(case: DpCase, rank: int, world: int, wrap: Callable = lambda m: m, ste
         opt.step()
         opt.zero_grad()
     return model
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO ``stage`` with the loop above: SGD from the client (untested by DeepSpeed, allowed), no clipping,
+    no accumulation, fp32."""
+    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
+
+
+def train_deepspeed(case: DpCase, rank: int, world: int, stage: int, steps: int = STEPS):
+    """``train`` through ``deepspeed.initialize`` (ZeRO ``stage``): ``engine.backward`` / ``engine.step``."""
+    import deepspeed
+
+    model = build_model(case)
+    if case.needs_held_out:
+        AutoLoraSearch(held_out_batches(rank, world)).attach(model)
+    if case.prescore:
+        heterolora_score(model, [train_batch(step, rank, world) for step in range(2)])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=deepspeed_config(stage))
+    torch.manual_seed(1)
+    for step in range(steps):
+        engine.backward(engine(**train_batch(step, rank, world)).loss)
+        engine.step()
+    return model
+
+
+def gathered_adapter_state(model, prefix: str) -> dict[str, torch.Tensor]:
+    """``adapter_state`` of a model whose parameters ZeRO-3 may have partitioned (gathered first)."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return adapter_state(model, prefix)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return adapter_state(model, prefix)
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

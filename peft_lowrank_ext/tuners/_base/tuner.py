@@ -37,21 +37,6 @@ class LowRankTuner(BaseTuner):
         super()._prepare_model(peft_config, model)
         keep_standard_layout(model)
 
-    def _check_new_adapter_config(self, config) -> None:
-        """PEFT's checks, then refuse DeepSpeed ZeRO, under which this package's per-step work never runs.
-
-        ZeRO steps its own flattened parameter copies, so the optimizer-step hooks that carry the
-        PAC-Bayes gradient, AutoLoRA's β step, PRILoRA's pruning and HeteroLoRA's allocation would be
-        skipped without any error. Refusing at wrap time is the honest alternative.
-        """
-        super()._check_new_adapter_config(config)
-        if deepspeed_active():
-            raise NotImplementedError(
-                f"{type(config).__name__}: DeepSpeed ZeRO is active (a DeepSpeed config was given to "
-                "TrainingArguments/accelerate), which this package does not support; use DDP or, where "
-                "the README's support table says so, FSDP2."
-            )
-
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's convention: adapter weights in fp32 (``autocast_adapter_dtype=True``, the default) or, when
         that is False, in the dtype of the layer they adapt.
@@ -118,15 +103,6 @@ class LowRankTuner(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_loaded_adapter_keys(model, cls, config, adapter_name, remapped)
         return remapped
-
-
-def deepspeed_active() -> bool:
-    """Whether transformers holds a live DeepSpeed config (set by ``TrainingArguments(deepspeed=...)``)."""
-    try:
-        from transformers.integrations.deepspeed import deepspeed_config
-    except ImportError:  # pragma: no cover - transformers always ships it
-        return False
-    return deepspeed_config() is not None
 
 
 def adapted_root(model: nn.Module) -> nn.Module:

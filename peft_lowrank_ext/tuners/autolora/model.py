@@ -32,7 +32,7 @@ class AutoLoraModel(GatedTuner):
         return combined
 
     def _post_injection_hook(self, model: nn.Module, config: AutoLoraConfig, adapter_name: str) -> None:
-        register_step_callbacks(model, "autolora_search", pre=search_step)
+        register_step_callbacks(model, "autolora_search", pre=search_step, reads_whole_tensors=False)
         if getattr(model, _CAPTURE_ATTR, None) is None:
             handle = model.register_forward_pre_hook(capture_train_batch, with_kwargs=True)
             object.__setattr__(model, _CAPTURE_ATTR, handle)

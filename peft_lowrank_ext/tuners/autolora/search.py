@@ -35,7 +35,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .._base.tuner import adapted_root
-from ...runtime.distributed import fsdp_kind, replica_reduce
+from ...runtime.distributed import deepspeed_managed, fsdp_kind, replica_reduce
 from .layer import AutoLoraLayer
 
 SEARCH_ATTR = "_autolora_search"
@@ -149,6 +149,21 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "held-out and look-ahead passes outside FSDP's forward, on sharded A/B. Train the search phase with "
             "DistributedDataParallel (or one process); the selected LoRA retrain can use FSDP."
         )
+    config = layers[0][0]._store("config")[layers[0][1]]
+    if hasattr(layers[0][0]._store("A")[layers[0][1]], "ds_id"):
+        raise RuntimeError(
+            "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported: its held-out forward and backward run "
+            "inside the engine's optimizer step, and ZeRO-3 then refuses to re-partition the parameters that pass "
+            "gathered ('Cannot free a ZeRO-3 parameter while it is still active'). Search under ZeRO-2 (or DistributedDataParallel); the selected LoRA retrain can "
+            "use ZeRO-3."
+        )
+    if config.hypergradient != "first_order" and deepspeed_managed(layers[0][0]._store("A")[layers[0][1]]):
+        raise RuntimeError(
+            f"AutoLoRA search with hypergradient={config.hypergradient!r} under DeepSpeed ZeRO is not supported: "
+            "it steps (or rolls back) the weights with the optimizer, and ZeRO's optimizer updates its own fp32 "
+            "partitions, which cannot be rolled back. Use hypergradient='first_order' (the default) under ZeRO, "
+            "or search with DistributedDataParallel."
+        )
     search = getattr(root, SEARCH_ATTR, None)
     if search is None:
         raise RuntimeError(
@@ -157,7 +172,6 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "Trainer/SFTTrainer, or call AutoLoraSearch(held_out).attach(model) in a plain loop; after the search "
             "call autolora_select(model)."
         )
-    config = layers[0][0]._store("config")[layers[0][1]]
     count = getattr(root, COUNT_ATTR, 0)
     object.__setattr__(root, COUNT_ATTR, count + 1)
     if count % config.search_every:

@@ -234,6 +234,13 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
     """``with_labels``: the authors' SynFlow (the loss, labels kept, mode as is); else ``synflow_logits``."""
     params = _params(cands)
     weights = [p for p in root.parameters() if p.is_floating_point()]
+    if any(hasattr(p, "ds_id") for p in weights):
+        raise RuntimeError(
+            f"HeteroLoRA proxy={'synflow' if with_labels else 'synflow_logits'!r} under DeepSpeed ZeRO-3 is not "
+            "supported: SynFlow writes |θ| into every weight for its pass, and ZeRO-3 re-gathers partitioned weights "
+            "from their shards during that pass (measured: scores 50% off the single-process values). Use another "
+            "proxy (snip, grad_norm, ...), ZeRO-2, or allocate before wrapping in DeepSpeed."
+        )
     args, kwargs = batch
     if not with_labels:
         batch = (args, {k: v for k, v in kwargs.items() if k != "labels"})

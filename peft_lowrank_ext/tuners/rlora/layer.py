@@ -78,10 +78,11 @@ class RLoraLayer(AdditiveAdapterLayer):
             if std > 0:
                 z.normal_(0.0, std)
         self.rlr_z[adapter_name] = nn.Parameter(z)
+        # One-element vectors, not 0-d scalars: FSDP2 (fully_shard) and DeepSpeed ZeRO refuse 0-d parameters.
         if config.learnable_scale:
-            self.rlr_scale[adapter_name] = nn.Parameter(torch.ones(()))
+            self.rlr_scale[adapter_name] = nn.Parameter(torch.ones(1))
         if config.learn_posterior_sigma:
-            self.rlr_log_sigma[adapter_name] = nn.Parameter(torch.tensor(math.log(config.posterior_sigma)))
+            self.rlr_log_sigma[adapter_name] = nn.Parameter(torch.full((1,), math.log(config.posterior_sigma)))
 
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self._upcast_adapter(adapter_name)
@@ -97,7 +98,7 @@ class RLoraLayer(AdditiveAdapterLayer):
     # ----- the adapter's numbers -------------------------------------------------------------
     def posterior_sigma(self, adapter_name: str) -> torch.Tensor | float:
         if adapter_name in self.rlr_log_sigma:
-            return self.rlr_log_sigma[adapter_name].exp()
+            return self.rlr_log_sigma[adapter_name].exp().sum()  # the one element as a scalar (also of a DTensor shard)
         return self.rlr_config[adapter_name].posterior_sigma
 
     def effective_z(self, adapter_name: str) -> torch.Tensor:

@@ -74,6 +74,14 @@ class RLoraModel(LowRankTuner):
         except ValueError as e:  # logging only: never fail a finished run for it
             return {"pac_bayes_error": str(e)}
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Adapters saved by earlier versions stored the learned scale and log σ_q as 0-d tensors; they are 1-element
+        vectors now (FSDP2 and DeepSpeed ZeRO refuse 0-d parameters): read the old ones as such."""
+        state_dict = {k: (v.reshape(1) if v.dim() == 0 and ("rlr_scale" in k or "rlr_log_sigma" in k) else v)
+                      for k, v in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
     def _post_injection_hook(self, model: nn.Module, config: RLoraConfig, adapter_name: str) -> None:
         register_model(model)
         install_batched_projection(model)

@@ -131,6 +131,8 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
         for p, g in zip(params, grads):
             if g is None:
                 continue
+            if getattr(g, "placements", None) is not None and g.placements != p.placements:
+                g = g.redistribute(p.device_mesh, p.placements)  # FSDP2: σ_q's gradient comes back replicated
             if p.grad is None:
                 p.grad = g.detach().to(p.dtype)
             else:

@@ -1,0 +1,107 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 for every method: 2 CPU processes (DeepSpeed's CPU accelerator, gloo).
+
+ZeRO's inner optimizer steps flat fp32 partitions, so the package runs each method's per-step work at
+``DeepSpeedEngine.step`` instead (``runtime/deepspeed_steps.py``). Two launches:
+
+* ``deepspeed.initialize`` with the DDP tests' loop (SGD with momentum, no clipping): every replica
+  identical and equal to one process trained on the concatenated batches, within the DDP tests'
+  tolerances (``test_distributed._assert_matches``), decisions exactly;
+* HF ``Trainer`` with ``TrainingArguments(deepspeed=...)`` and its defaults (AdamW, clipping 1.0, as
+  ``"auto"`` values): identical replicas that trained and ran the method (pruned, allocated, β moved).
+
+Where a stage refuses a method, the error must say so (``DEEPSPEED_REFUSED``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from test_distributed import WORKERS, _assert_matches, _assert_trained, _free_port, _launch, _replicas  # noqa: E402
+from dp_cases import (  # noqa: E402
+    ALL_CASES, DEEPSPEED_REFUSED, DEEPSPEED_RUNS, DEEPSPEED_TRAINER_RUNS, adapter_state, train,
+)
+from test_prilora import _assert_same_state  # noqa: E402
+
+
+def _torchrun(worker: str, out: Path, **env) -> None:
+    _launch(["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+             str(_free_port()), str(WORKERS / worker), str(out)], out, **env)
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deepspeed")
+    _torchrun("deepspeed_worker.py", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("deepspeed_trainer")
+    # What `accelerate launch --use_deepspeed` sets; with it, Trainer hands the model to DeepSpeed.
+    _torchrun("deepspeed_trainer_worker.py", out, ACCELERATE_USE_DEEPSPEED="true")
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    cache: dict[str, dict] = {}
+
+    def get(name: str, steps: int | None = None) -> dict[str, torch.Tensor]:
+        key = f"{name}:{steps}"
+        if key not in cache:
+            case = ALL_CASES[name]
+            cache[key] = adapter_state(train(case, rank=0, world=1, **({} if steps is None else {"steps": steps})),
+                                       case.prefix)
+        return cache[key]
+
+    return get
+
+
+def _split(run: str) -> tuple[int, str]:
+    stage, name = run.split(":")
+    return int(stage), name
+
+
+def _assert_refused(result: dict, stage: int, name: str) -> None:
+    assert "error" in result, f"{name} trained under ZeRO-{stage}; remove it from DEEPSPEED_REFUSED and compare it"
+    assert DEEPSPEED_REFUSED[stage][name] in result["error"], result["traceback"]
+
+
+@pytest.mark.parametrize("run", DEEPSPEED_RUNS)
+def test_zero_engine_replicas_equal_single_process(run, engine_dir, single_process):
+    stage, name = _split(run)
+    if name in DEEPSPEED_REFUSED.get(stage, {}):
+        for rank in range(2):
+            _assert_refused(torch.load(engine_dir / f"zero{stage}_{name}_rank{rank}.pt"), stage, name)
+        return
+    case = ALL_CASES[name]
+    rank0, rank1 = _replicas(engine_dir, f"zero{stage}_{name}")
+    _assert_same_state(rank0, rank1)
+    _assert_trained(name, rank0, single_process(name, steps=0), case.prefix)
+    _assert_matches(rank0, single_process(name), case.prefix)
+
+
+@pytest.mark.parametrize("run", DEEPSPEED_TRAINER_RUNS)
+def test_zero_trainer_defaults_replicas_identical_and_method_ran(run, trainer_dir, single_process):
+    stage, name = _split(run)
+    if name in DEEPSPEED_REFUSED.get(stage, {}):
+        for rank in range(2):
+            _assert_refused(torch.load(trainer_dir / f"trainer_zero{stage}_{name}_rank{rank}.pt"), stage, name)
+        return
+    case = ALL_CASES[name]
+    rank0, rank1 = _replicas(trainer_dir, f"trainer_zero{stage}_{name}")
+    _assert_same_state(rank0, rank1)
+    if name.startswith("heterolora"):  # 4 Trainer steps, re-allocation every 2: allocated at steps 0 and 2
+        states = [v for k, v in rank0.items() if ".hetlr_state." in k]
+        assert {int(s[1]) for s in states} == {2}, states
+        assert sum(int(v) for k, v in rank0.items() if ".hetlr_module_on." in k) == 5
+        moved = [k for k, v in rank0.items() if ".hetlr_A." in k and not torch.equal(v, single_process(name, 0)[k])]
+        assert moved
+    else:
+        _assert_trained(name, rank0, single_process(name, steps=0), case.prefix)
