@@ -82,6 +82,8 @@ CASES = {
 FSDP2_CASES = {
     # Learned σ_q is a 1-element vector (fully_shard refuses 0-d parameters), so the full case runs.
     "rlora": CASES["rlora"],
+    # First-order search: its held-out pass goes through the fully_shard root it was attached to.
+    "autolora": CASES["autolora"],
     "rlora_fixed_sigma": DpCase("rlora_fixed_sigma", "rlr_", lambda: RLoraConfig(
         r=4, lora_alpha=8, projection_ratio=0.25, target_modules=_targets(), task_type="CAUSAL_LM",
         init_weights=False, init_std=0.5, seed=3, pac_bayes_weight=0.5, num_train_examples=64)),
@@ -101,7 +103,8 @@ FSDP_CASES = {"fsdp2": FSDP2_CASES, "fsdp1": FSDP1_CASES}
 # ... and those they refuse, with the part of the error they must raise.
 FSDP_REFUSED = {
     "fsdp2": {
-        "autolora": "AutoLoRA search phase under FSDP2 (fully_shard) is not supported",
+        "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP2 (fully_shard) is not "
+                          "supported",
         "heterolora_static": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported",
     },
     "fsdp1": {
@@ -112,17 +115,22 @@ FSDP_REFUSED = {
         "heterolora_static": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) is not supported",
     },
 }
-ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES}
+# The authors' DARTS hypergradient: it steps and rolls back the optimizer (refused under FSDP2 and ZeRO).
+AUTOLORA_DARTS = DpCase("autolora_darts", "autolr_", lambda: AutoLoraConfig(
+    r=4, lora_alpha=8, target_modules=_targets(), task_type="CAUSAL_LM", init_weights=False, arch_lr=0.05,
+    hypergradient="darts_real_step"), needs_held_out=True)
+ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES, "autolora_darts": AUTOLORA_DARTS}
 # DeepSpeed ZeRO-2 / ZeRO-3 runs (stage:case) through deepspeed.initialize, compared with one process ...
 DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                   for name in ("rlora", "autolora", "prilora", "heterolora_static", "heterolora_dynamic",
-                               "heterolora_prescored")]
+                               "heterolora_prescored", "autolora_darts")]
 # ... and through HF Trainer(TrainingArguments(deepspeed=...)), its defaults (AdamW, clipping 1.0).
 DEEPSPEED_TRAINER_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                           for name in ("rlora", "autolora", "prilora", "heterolora_dynamic")]
 # What each stage refuses, with the part of the error it must raise.
 DEEPSPEED_REFUSED = {
-    3: {"autolora": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported",
+    2: {"autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under DeepSpeed ZeRO is not supported"},
+    3: {"autolora_darts": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported","autolora": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported",
         "heterolora_static": "HeteroLoRA proxy='synflow' under DeepSpeed ZeRO-3 is not supported"},
 }
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ SEARCH_ATTR = "_autolora_search"
 LAST_BATCH_ATTR = "_autolora_last_train_batch"
 BUSY_ATTR = "_autolora_in_meta_step"
 COUNT_ATTR = "_autolora_search_steps"
+ENTRY_ATTR = "_autolora_entry_module"
 
 
 class AutoLoraSearch(TrainerCallback):
@@ -74,6 +76,9 @@ class AutoLoraSearch(TrainerCallback):
         if not any(isinstance(m, AutoLoraLayer) for m in root.modules()):
             raise ValueError("AutoLoraSearch.attach: the model has no AutoLoRA layers (wrap it with AutoLoraConfig)")
         object.__setattr__(root, SEARCH_ATTR, self)
+        # The module the user trains (the PeftModel; with FSDP2 the fully_shard root): the held-out pass goes
+        # through it under FSDP2, whose root unit gathers the embeddings and head only in its own forward.
+        object.__setattr__(root, ENTRY_ATTR, weakref.ref(model))
         return self
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -142,14 +147,22 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     layers = _searching_layers(root)
     if not layers:
         return
+    config = layers[0][0]._store("config")[layers[0][1]]
     sharding = fsdp_kind(layers[0][0]._store("A")[layers[0][1]])
-    if sharding is not None:
+    entry = _fsdp2_entry(root) if sharding is not None and sharding.startswith("FSDP2") else None
+    if sharding is not None and entry is not None and config.hypergradient != "first_order":
+        raise RuntimeError(
+            f"AutoLoRA search with hypergradient={config.hypergradient!r} under {sharding} is not supported: it "
+            "moves or reads whole A/B outside FSDP's forward, where each rank holds a shard. Use "
+            "hypergradient='first_order' (the default) under FSDP2, or search with DistributedDataParallel."
+        )
+    if sharding is not None and entry is None:
         raise RuntimeError(
             f"AutoLoRA search phase under {sharding} is not supported: the bi-level step runs its own "
             "held-out and look-ahead passes outside FSDP's forward, on sharded A/B. Train the search phase with "
-            "DistributedDataParallel (or one process); the selected LoRA retrain can use FSDP."
+            "DistributedDataParallel, FSDP2 (attach AutoLoraSearch to the fully_shard model), or one process; the "
+            "selected LoRA retrain can use FSDP."
         )
-    config = layers[0][0]._store("config")[layers[0][1]]
     if hasattr(layers[0][0]._store("A")[layers[0][1]], "ds_id"):
         raise RuntimeError(
             "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported: its held-out forward and backward run "
@@ -186,7 +199,7 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         with torch.enable_grad():
             val = search.next_batch(weights[0].device)
             if config.hypergradient == "first_order":
-                grads = torch.autograd.grad(_loss(root, (), val), betas, allow_unused=True)
+                grads = torch.autograd.grad(_loss(root if entry is None else entry, (), val), betas, allow_unused=True)
             elif config.hypergradient == "darts_real_step":
                 grads = _darts_real_step(root, optimizer, config, weights, betas, val)
             else:
@@ -201,6 +214,17 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for (layer, a), grad in zip(layers, grads):
         if grad is not None:
             _adam_update(layer, a, grad.detach(), config)
+
+
+def _fsdp2_entry(root: nn.Module) -> nn.Module | None:
+    """The module AutoLoraSearch was attached to, if it is an FSDP2 (fully_shard) module that holds ``root``."""
+    ref = getattr(root, ENTRY_ATTR, None)
+    entry = ref() if ref is not None else None
+    from torch.distributed.fsdp import FSDPModule
+
+    if entry is None or not isinstance(entry, FSDPModule) or not any(m is root for m in entry.modules()):
+        return None
+    return entry
 
 
 def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:
