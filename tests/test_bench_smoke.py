@@ -104,3 +104,31 @@ def test_render_refuses_a_readme_without_markers(compare_run, tmp_path):
 def test_compare_rejects_an_unknown_method():
     with pytest.raises(SystemExit):
         _module("compare_methods").parse_args(["--methods", "lora_r3"])
+
+
+def test_kernels_bench_dry_run_goes_through_every_step_without_peft(tmp_path):
+    """The prepared GPU script, CUDA-less at tiny sizes, in a fresh interpreter: every check and timing section
+    runs, the checks pass, JSON and Markdown are written, and neither PEFT nor transformers is imported (the lent
+    GPU machine has its own versions of both)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCH / "kernels_bench.py"), "--dry-run", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert list(result["sections"]) == ["check_fwht", "check_fastfood", "check_masked", "fwht", "masked", "fastfood"]
+    assert result["checks_ok"] and not result["skipped"] and result["foreign_imports"] == []
+    checks = [c for name, rows in result["sections"].items() if name.startswith("check_") for c in rows]
+    assert {c["dtype"] for c in checks} == {"fp32", "fp16", "bf16"} and all(c["error"] < c["tolerance"] for c in checks)
+    for row in result["sections"]["masked"]:
+        assert all(row[k]["median_ms"] > 0 and row[k]["n"] > 0 for k in ("fused", "cublas", "addmm"))
+    markdown = (tmp_path / "kernels.md").read_text()
+    assert "CPU dry run, not a measurement" in markdown and "## Masked low-rank product" in markdown
+
+
+def test_kernels_bench_budget_skips_sections_and_says_so(tmp_path):
+    kernels_bench = _module("kernels_bench")
+    result = kernels_bench.run(tmp_path, dry_run=True, budget_s=0.0)
+    assert result["sections"] == {} and not result["checks_ok"]  # nothing checked is not "checks passed"
+    assert result["skipped"] == ["check_fwht", "check_fastfood", "check_masked", "fwht", "masked", "fastfood"]
+    assert "Skipped (time budget)" in (tmp_path / "kernels.md").read_text()
