@@ -52,6 +52,7 @@ def install_if_loaded() -> None:
             return original(engine, *args, **kwargs)
         for model in models:
             _run(model, engine.optimizer, which=0, reads_whole_tensors=False)
+            _release_leftovers(engine)
             _run_with_full_gradients(engine, model)
         result = original(engine, *args, **kwargs)
         if engine.was_step_applied():
@@ -73,6 +74,15 @@ def _registered_models(module: nn.Module) -> list[nn.Module]:
         return []
     ids = {id(m) for m in registered}
     return [m for m in module.modules() if id(m) in ids]
+
+
+def _release_leftovers(engine) -> None:
+    """ZeRO-3, after a callback's own forward/backward (AutoLoRA's held-out pass, gradients for β only):
+    the modules whose post-backward hook did not fire keep their parameters gathered; release them as
+    DeepSpeed does after its own backward, before gathering for the next callbacks."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if offload is not None:
+        offload.partition_all_parameters()
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:

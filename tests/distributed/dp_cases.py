@@ -128,9 +128,10 @@ DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
 DEEPSPEED_TRAINER_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                           for name in ("rlora", "autolora", "prilora", "heterolora_dynamic")]
 # What each stage refuses, with the part of the error it must raise.
+DARTS_UNDER_ZERO = "AutoLoRA search with hypergradient='darts_real_step' under DeepSpeed ZeRO is not supported"
 DEEPSPEED_REFUSED = {
-    2: {"autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under DeepSpeed ZeRO is not supported"},
-    3: {"autolora_darts": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported","autolora": "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported",
+    2: {"autolora_darts": DARTS_UNDER_ZERO},
+    3: {"autolora_darts": DARTS_UNDER_ZERO,
         "heterolora_static": "HeteroLoRA proxy='synflow' under DeepSpeed ZeRO-3 is not supported"},
 }
 

@@ -163,13 +163,6 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             "DistributedDataParallel, FSDP2 (attach AutoLoraSearch to the fully_shard model), or one process; the "
             "selected LoRA retrain can use FSDP."
         )
-    if hasattr(layers[0][0]._store("A")[layers[0][1]], "ds_id"):
-        raise RuntimeError(
-            "AutoLoRA search phase under DeepSpeed ZeRO-3 is not supported: its held-out forward and backward run "
-            "inside the engine's optimizer step, and ZeRO-3 then refuses to re-partition the parameters that pass "
-            "gathered ('Cannot free a ZeRO-3 parameter while it is still active'). Search under ZeRO-2 (or DistributedDataParallel); the selected LoRA retrain can "
-            "use ZeRO-3."
-        )
     if config.hypergradient != "first_order" and deepspeed_managed(layers[0][0]._store("A")[layers[0][1]]):
         raise RuntimeError(
             f"AutoLoRA search with hypergradient={config.hypergradient!r} under DeepSpeed ZeRO is not supported: "

@@ -237,8 +237,8 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
     if any(hasattr(p, "ds_id") for p in weights):
         raise RuntimeError(
             f"HeteroLoRA proxy={'synflow' if with_labels else 'synflow_logits'!r} under DeepSpeed ZeRO-3 is not "
-            "supported: SynFlow writes |θ| into every weight for its pass, and ZeRO-3 re-gathers partitioned weights "
-            "from their shards during that pass (measured: scores 50% off the single-process values). Use another "
+            "supported: SynFlow writes |θ| into every weight for its pass, which ZeRO-3's partitioned weights do not "
+            "keep reliably (measured: scores 50% off the single-process values). Use another "
             "proxy (snip, grad_norm, ...), ZeRO-2, or allocate before wrapping in DeepSpeed."
         )
     args, kwargs = batch
