@@ -234,19 +234,14 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
     """``with_labels``: the authors' SynFlow (the loss, labels kept, mode as is); else ``synflow_logits``."""
     params = _params(cands)
     weights = [p for p in root.parameters() if p.is_floating_point()]
-    if any(hasattr(p, "ds_id") for p in weights):
-        raise RuntimeError(
-            f"HeteroLoRA proxy={'synflow' if with_labels else 'synflow_logits'!r} under DeepSpeed ZeRO-3 is not "
-            "supported: SynFlow writes |θ| into every weight for its pass, which ZeRO-3's partitioned weights do not "
-            "keep reliably (measured: scores 50% off the single-process values). Use another "
-            "proxy (snip, grad_norm, ...), ZeRO-2, or allocate before wrapping in DeepSpeed."
-        )
     args, kwargs = batch
     if not with_labels:
         batch = (args, {k: v for k, v in kwargs.items() if k != "labels"})
+    # Under DeepSpeed ZeRO-3 the pass may re-gather a weight from its shards: make the shards |θ| too.
+    tensors = [t for p in weights for t in (p, getattr(p, "ds_tensor", None)) if t is not None and t.numel()]
     negative = []
     with torch.no_grad():
-        for p in weights:
+        for p in tensors:
             negative.append(torch.signbit(p))
             p.abs_()
     handle = _ones_embedding_hook(root)
@@ -266,8 +261,8 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
         if handle is not None:
             handle.remove()
         with torch.no_grad():
-            for p, neg in zip(weights, negative):
-                p.copy_(torch.where(neg, -p, p))
+            for p, neg in zip(tensors, negative):
+                p.copy_(torch.where(neg, -p.abs(), p.abs()))  # idempotent, should a shard alias its weight
     scores = snip_scores(cands, grads)  # Σ|θ ⊙ ∇θ| with θ = |θ| (sign-independent)
     return torch.nan_to_num(scores, nan=0.0, posinf=torch.finfo(scores.dtype).max)
 
