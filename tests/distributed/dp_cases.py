@@ -48,6 +48,7 @@ class DpCase:
     make_config: Callable[[], object]
     needs_held_out: bool = False
     prescore: bool = False  # HeteroLoRA: heterolora_score on the first training batches before wrapping
+    attach_inside: bool = False  # AutoLoRA: attach the held-out data to the PEFT model, not to its wrapper
 
 
 def _targets() -> list[str]:
@@ -94,6 +95,12 @@ FSDP2_CASES = {
         proxy="snip", proxy_batches=2, shortcuts=["residual_1"], shortcut_r=2), prescore=True),
 }
 FSDP1_CASES = {
+    # The PAC-Bayes step and pruning gather whole tensors (summon_full_params) outside forward.
+    "rlora": CASES["rlora"],
+    "rlora_fixed_sigma": FSDP2_CASES["rlora_fixed_sigma"],
+    "prilora": CASES["prilora"],
+    # First-order search, attached to the FSDP1 wrapper (its held-out pass goes through it).
+    "autolora": CASES["autolora"],
     "rlora_no_pac_bayes": DpCase("rlora_no_pac_bayes", "rlr_", lambda: RLoraConfig(
         r=4, lora_alpha=8, projection_ratio=0.25, target_modules=_targets(), task_type="CAUSAL_LM",
         init_weights=False, init_std=0.5, seed=3)),
@@ -108,10 +115,9 @@ FSDP_REFUSED = {
         "heterolora_static": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported",
     },
     "fsdp1": {
-        "rlora_fixed_sigma": "RLoRA PAC-Bayes regularizer (pac_bayes_weight > 0) under FSDP1 "
-                             "(FullyShardedDataParallel) is not supported",
-        "prilora": "PRILoRA pruning under FSDP1 (FullyShardedDataParallel) is not supported",
-        "autolora": "AutoLoRA search phase under FSDP1 (FullyShardedDataParallel) is not supported",
+        "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP1 "
+                          "(FullyShardedDataParallel) is not supported",
+        "autolora_attached_inside": "AutoLoraSearch is attached to a module inside the FSDP model",
         "heterolora_static": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) is not supported",
     },
 }
@@ -119,7 +125,11 @@ FSDP_REFUSED = {
 AUTOLORA_DARTS = DpCase("autolora_darts", "autolr_", lambda: AutoLoraConfig(
     r=4, lora_alpha=8, target_modules=_targets(), task_type="CAUSAL_LM", init_weights=False, arch_lr=0.05,
     hypergradient="darts_real_step"), needs_held_out=True)
-ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES, "autolora_darts": AUTOLORA_DARTS}
+# Held-out data attached to the PeftModel inside an FSDP1 wrapper: the pass would bypass the root unit.
+AUTOLORA_INSIDE = DpCase("autolora_attached_inside", "autolr_", CASES["autolora"].make_config, needs_held_out=True,
+                         attach_inside=True)
+ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES, "autolora_darts": AUTOLORA_DARTS,
+             "autolora_attached_inside": AUTOLORA_INSIDE}
 # DeepSpeed ZeRO-2 / ZeRO-3 runs (stage:case) through deepspeed.initialize, compared with one process ...
 DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                   for name in ("rlora", "autolora", "prilora", "heterolora_static", "heterolora_dynamic",
@@ -177,11 +187,11 @@ def make_optimizer(model) -> torch.optim.Optimizer:
 def train(case: DpCase, rank: int, world: int, wrap: Callable = lambda m: m, steps: int = STEPS):
     """Train ``steps`` optimizer steps on this replica's slices; returns the (unwrapped) PEFT model."""
     model = build_model(case)
-    if case.needs_held_out:
-        AutoLoraSearch(held_out_batches(rank, world)).attach(model)
     if case.prescore:
         heterolora_score(model, [train_batch(step, rank, world) for step in range(2)])
     net = wrap(model)
+    if case.needs_held_out:  # attached to what trains (an FSDP1 wrapper runs the held-out pass)
+        AutoLoraSearch(held_out_batches(rank, world)).attach(model if case.attach_inside else net)
     opt = make_optimizer(model)
     torch.manual_seed(1)  # the RLoRA noise draws: the same stream on every replica and in one process
     for step in range(steps):

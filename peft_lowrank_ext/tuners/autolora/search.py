@@ -72,12 +72,15 @@ class AutoLoraSearch(TrainerCallback):
 
     # ----- wiring -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "AutoLoraSearch":
-        root = adapted_root(model)
+        inner = model
+        while isinstance(getattr(inner, "module", None), nn.Module):  # DDP / FSDP1 wrappers
+            inner = inner.module
+        root = adapted_root(inner)
         if not any(isinstance(m, AutoLoraLayer) for m in root.modules()):
             raise ValueError("AutoLoraSearch.attach: the model has no AutoLoRA layers (wrap it with AutoLoraConfig)")
         object.__setattr__(root, SEARCH_ATTR, self)
-        # The module the user trains (the PeftModel; with FSDP2 the fully_shard root): the held-out pass goes
-        # through it under FSDP2, whose root unit gathers the embeddings and head only in its own forward.
+        # The module the user trains (the PeftModel; with FSDP2 the fully_shard root, with FSDP1 its wrapper): under
+        # FSDP the held-out pass goes through it, as the root unit gathers the embeddings and head in its forward.
         object.__setattr__(root, ENTRY_ATTR, weakref.ref(model))
         return self
 
@@ -149,19 +152,19 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         return
     config = layers[0][0]._store("config")[layers[0][1]]
     sharding = fsdp_kind(layers[0][0]._store("A")[layers[0][1]])
-    entry = _fsdp2_entry(root) if sharding is not None and sharding.startswith("FSDP2") else None
-    if sharding is not None and entry is not None and config.hypergradient != "first_order":
+    entry = _sharded_entry(root) if sharding is not None else None
+    if sharding is not None and config.hypergradient != "first_order":
         raise RuntimeError(
             f"AutoLoRA search with hypergradient={config.hypergradient!r} under {sharding} is not supported: it "
             "moves or reads whole A/B outside FSDP's forward, where each rank holds a shard. Use "
-            "hypergradient='first_order' (the default) under FSDP2, or search with DistributedDataParallel."
+            "hypergradient='first_order' (the default) under FSDP, or search with DistributedDataParallel."
         )
     if sharding is not None and entry is None:
         raise RuntimeError(
-            f"AutoLoRA search phase under {sharding} is not supported: the bi-level step runs its own "
-            "held-out and look-ahead passes outside FSDP's forward, on sharded A/B. Train the search phase with "
-            "DistributedDataParallel, FSDP2 (attach AutoLoraSearch to the fully_shard model), or one process; the "
-            "selected LoRA retrain can use FSDP."
+            f"AutoLoRA search phase under {sharding}: AutoLoraSearch is attached to a module inside the FSDP model, "
+            "but the held-out pass must go through the FSDP model itself (its root unit gathers the embeddings and "
+            "head). Attach it to the fully_shard / FullyShardedDataParallel model you train: "
+            "AutoLoraSearch(held_out).attach(fsdp_model)."
         )
     if config.hypergradient != "first_order" and deepspeed_managed(layers[0][0]._store("A")[layers[0][1]]):
         raise RuntimeError(
@@ -209,15 +212,16 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
             _adam_update(layer, a, grad.detach(), config)
 
 
-def _fsdp2_entry(root: nn.Module) -> nn.Module | None:
-    """The module AutoLoraSearch was attached to, if it is an FSDP2 (fully_shard) module that holds ``root``."""
+def _sharded_entry(root: nn.Module) -> nn.Module | None:
+    """The module AutoLoraSearch was attached to, if it is an FSDP2 (fully_shard) module or an FSDP1 wrapper
+    that holds ``root``."""
     ref = getattr(root, ENTRY_ATTR, None)
     entry = ref() if ref is not None else None
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if entry is None or not isinstance(entry, FSDPModule) or not any(m is root for m in entry.modules()):
+    if entry is None or not isinstance(entry, (FSDPModule, FullyShardedDataParallel)):
         return None
-    return entry
+    return entry if any(m is root for m in entry.modules()) else None
 
 
 def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:

@@ -172,10 +172,10 @@ class PriLoraLayer(GatedLoraLayer):
         lora_a = self._store("A")[adapter_name]
         if is_sharded(lora_a):  # FSDP2 shard (DTensor): decide on the whole A, the same on every rank
             lora_a = lora_a.full_tensor()
-        elif fsdp_kind(lora_a) is not None:
+        elif lora_a.shape != mask.shape:  # FSDP1 outside forward and outside summon_full_params: a flat slice
             raise RuntimeError(
-                f"PRILoRA pruning under {fsdp_kind(lora_a)} is not supported: outside forward each rank holds a "
-                "flat slice of A, not its rows. Use DistributedDataParallel or FSDP2 (fully_shard)."
+                f"PRILoRA pruning under {fsdp_kind(lora_a)} outside FullyShardedDataParallel.summon_full_params: each "
+                "rank holds a flat slice of A, not its rows. Prune through prilora_post_step (it gathers A)."
             )
         new = prune_mask(lora_a, self._store("in_sq_ema")[adapter_name], mask,
                          sparsity, config.regrow)

@@ -104,7 +104,19 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
     ``step_hooks`` runs this at the first optimizer of the step, before any optimizer of the step
     updates, so parameters split over several optimizers all receive it exactly once. Then, with
     ``pac_bayes_max_grad_norm``, the combined gradient of the model's trainable parameters is clipped.
+    Under FSDP1, where each rank holds a flat slice of every parameter and gradient outside forward, this
+    runs on the whole tensors (``summon_full_params`` with gradients, written back to the local shards).
     """
+    if any(fsdp_kind(p) == "FSDP1 (FullyShardedDataParallel)" for p in model.parameters() if p.requires_grad):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model, writeback=True, with_grads=True):
+            _add_regularizer_gradients(model)
+    else:
+        _add_regularizer_gradients(model)
+
+
+def _add_regularizer_gradients(model: torch.nn.Module) -> None:
     norms: list[float] = []
     for adapter_name in _adapter_names(model):
         if not _adapter_config(model, adapter_name).pac_bayes_enabled:
@@ -119,12 +131,6 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
         ]
         if not params:
             continue
-        if any(fsdp_kind(p) == "FSDP1 (FullyShardedDataParallel)" for p in params):
-            raise RuntimeError(
-                "RLoRA PAC-Bayes regularizer (pac_bayes_weight > 0) under FSDP1 (FullyShardedDataParallel) is not "
-                "supported: outside forward each rank holds a flat slice of z, so the bound would use a partial "
-                "KL. Use DistributedDataParallel or FSDP2 (fully_shard), or pac_bayes_weight=0."
-            )
         with torch.enable_grad():
             terms = pac_bayes_terms(model, adapter_name)
             grads = torch.autograd.grad(terms["regularizer"], params, allow_unused=True)
