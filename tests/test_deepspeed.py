@@ -7,13 +7,15 @@ ZeRO's inner optimizer steps flat fp32 partitions, so the package runs each meth
   identical and equal to one process trained on the concatenated batches, within the DDP tests'
   tolerances (``test_distributed._assert_matches``), decisions exactly;
 * HF ``Trainer`` with ``TrainingArguments(deepspeed=...)`` and its defaults (AdamW, clipping 1.0, as
-  ``"auto"`` values): identical replicas that trained and ran the method (pruned, allocated, β moved).
+  ``"auto"`` values), and TRL ``SFTTrainer(peft_config=...)`` with ``SFTConfig(deepspeed=...)``: identical
+  replicas that trained and ran the method (pruned, allocated, β or σ_q moved).
 
 Where a stage refuses a method, the error must say so (``DEEPSPEED_REFUSED``).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,7 @@ def engine_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trainer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deepspeed_trainer")
-    # What `accelerate launch --use_deepspeed` sets; with it, Trainer hands the model to DeepSpeed.
-    _torchrun("deepspeed_trainer_worker.py", out, ACCELERATE_USE_DEEPSPEED="true")
+    _torchrun("deepspeed_trainer_worker.py", out)
     return out
 
 
@@ -94,10 +95,18 @@ def test_zero_trainer_defaults_replicas_identical_and_method_ran(run, trainer_di
         for rank in range(2):
             _assert_refused(torch.load(trainer_dir / f"trainer_zero{stage}_{name}_rank{rank}.pt"), stage, name)
         return
-    case = ALL_CASES[name]
+    case = ALL_CASES[name.removeprefix("sft_")]
     rank0, rank1 = _replicas(trainer_dir, f"trainer_zero{stage}_{name}")
     _assert_same_state(rank0, rank1)
-    if name.startswith("heterolora"):  # 4 Trainer steps, re-allocation every 2: allocated at steps 0 and 2
+    if name.startswith("sft_"):  # SFTTrainer(peft_config=...): its own init, so check what only the method does
+        if name == "sft_prilora":
+            masks = [v for k, v in rank0.items() if ".prilr_element_mask." in k]
+            assert masks and all((m == 0).any() for m in masks)  # pruned
+        else:  # the learned σ_q only moves through the PAC-Bayes gradient and the noise
+            init = math.log(case.make_config().posterior_sigma)
+            sigmas = [v for k, v in rank0.items() if ".rlr_log_sigma." in k]
+            assert sigmas and all(abs(float(s) - init) > 1e-6 for s in sigmas)
+    elif name.startswith("heterolora"):  # 4 Trainer steps, re-allocation every 2: allocated at steps 0 and 2
         states = [v for k, v in rank0.items() if ".hetlr_state." in k]
         assert {int(s[1]) for s in states} == {2}, states
         assert sum(int(v) for k, v in rank0.items() if ".hetlr_module_on." in k) == 5

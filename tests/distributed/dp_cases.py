@@ -136,7 +136,7 @@ DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                                "heterolora_prescored", "autolora_darts")]
 # ... and through HF Trainer(TrainingArguments(deepspeed=...)), its defaults (AdamW, clipping 1.0).
 DEEPSPEED_TRAINER_RUNS = [f"{stage}:{name}" for stage in (2, 3)
-                          for name in ("rlora", "autolora", "prilora", "heterolora_dynamic")]
+                          for name in ("rlora", "autolora", "prilora", "heterolora_dynamic", "sft_rlora", "sft_prilora")]
 # What each stage refuses, with the part of the error it must raise.
 DARTS_UNDER_ZERO = "AutoLoRA search with hypergradient='darts_real_step' under DeepSpeed ZeRO is not supported"
 DEEPSPEED_REFUSED = {
