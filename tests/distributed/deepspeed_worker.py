@@ -29,9 +29,9 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for run in runs or DEEPSPEED_RUNS:
         stage, name = run.split(":")
-        case = ALL_CASES[name]
+        case = ALL_CASES[name.split("@")[0]]
         try:
-            model = train_deepspeed(case, rank, world, int(stage))
+            model = train_deepspeed(case, rank, world, int(stage), accumulation=2 if name.endswith("@gas2") else 1)
             result = gathered_adapter_state(model, case.prefix)
         except Exception as err:  # recorded for the test, which decides whether a refusal is expected
             result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}

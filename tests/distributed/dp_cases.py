@@ -134,6 +134,9 @@ ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES, "autolora_darts": AUTOLORA_D
 DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                   for name in ("rlora", "autolora", "prilora", "heterolora_static", "heterolora_dynamic",
                                "heterolora_prescored", "autolora_darts")]
+# Gradient accumulation (2 micro-batches per step), for the methods whose per-step work does not depend on
+# the forward count (RLoRA's noise is one draw per forward; HeteroLoRA scores the step's last micro-batch).
+DEEPSPEED_RUNS += [f"{stage}:{name}@gas2" for stage in (2, 3) for name in ("rlora_fixed_sigma", "autolora", "prilora")]
 # ... and through HF Trainer(TrainingArguments(deepspeed=...)), its defaults (AdamW, clipping 1.0).
 DEEPSPEED_TRAINER_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                           for name in ("rlora", "autolora", "prilora", "heterolora_dynamic", "sft_rlora", "sft_prilora")]
@@ -201,15 +204,16 @@ def train(case: DpCase, rank: int, world: int, wrap: Callable = lambda m: m, ste
     return model
 
 
-def deepspeed_config(stage: int) -> dict:
+def deepspeed_config(stage: int, accumulation: int = 1) -> dict:
     """ZeRO ``stage`` with the loop above: SGD from the client (untested by DeepSpeed, allowed), no clipping,
-    no accumulation, fp32."""
-    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
+    fp32; each replica's batch in ``accumulation`` micro-batches."""
+    return {"train_micro_batch_size_per_gpu": LOCAL_BATCH // accumulation, "gradient_accumulation_steps": accumulation,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
 
 
-def train_deepspeed(case: DpCase, rank: int, world: int, stage: int, steps: int = STEPS):
-    """``train`` through ``deepspeed.initialize`` (ZeRO ``stage``): ``engine.backward`` / ``engine.step``."""
+def train_deepspeed(case: DpCase, rank: int, world: int, stage: int, steps: int = STEPS, accumulation: int = 1):
+    """``train`` through ``deepspeed.initialize`` (ZeRO ``stage``): ``engine.backward`` / ``engine.step`` per
+    micro-batch; the optimizer (and the method's per-step work) runs once per ``accumulation`` of them."""
     import deepspeed
 
     model = build_model(case)
@@ -217,11 +221,15 @@ def train_deepspeed(case: DpCase, rank: int, world: int, stage: int, steps: int 
         AutoLoraSearch(held_out_batches(rank, world)).attach(model)
     if case.prescore:
         heterolora_score(model, [train_batch(step, rank, world) for step in range(2)])
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=deepspeed_config(stage))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
+                                      config=deepspeed_config(stage, accumulation))
     torch.manual_seed(1)
     for step in range(steps):
-        engine.backward(engine(**train_batch(step, rank, world)).loss)
-        engine.step()
+        batch = train_batch(step, rank, world)
+        micro = LOCAL_BATCH // accumulation
+        for i in range(accumulation):
+            engine.backward(engine(**{k: v[i * micro:(i + 1) * micro] for k, v in batch.items()}).loss)
+            engine.step()
     return model
 
 
