@@ -28,6 +28,7 @@ from peft_lowrank_ext import (  # noqa: E402
     AutoLoraConfig,
     AutoLoraSearch,
     HeteroLoraConfig,
+    HeteroLoraData,
     PriLoraConfig,
     RLoraConfig,
     heterolora_score,
@@ -89,6 +90,9 @@ FSDP2_CASES = {
         r=4, lora_alpha=8, projection_ratio=0.25, target_modules=_targets(), task_type="CAUSAL_LM",
         init_weights=False, init_std=0.5, seed=3, pac_bayes_weight=0.5, num_train_examples=64)),
     "prilora": CASES["prilora"],
+    # Scoring through the fully_shard model (HeteroLoraData attached to it): SynFlow static, SNIP dynamic.
+    "heterolora_static": CASES["heterolora_static"],
+    "heterolora_dynamic": CASES["heterolora_dynamic"],
     # Allocated before sharding, then static: no scoring window runs on sharded A/B.
     "heterolora_prescored": DpCase("heterolora_prescored", "hetlr_", lambda: HeteroLoraConfig(
         r=4, lora_alpha=8, target_modules=_targets(), task_type="CAUSAL_LM", init_weights=False, budget=0.5,
@@ -112,7 +116,6 @@ FSDP_REFUSED = {
     "fsdp2": {
         "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP2 (fully_shard) is not "
                           "supported",
-        "heterolora_static": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported",
     },
     "fsdp1": {
         "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP1 "
@@ -195,6 +198,8 @@ def train(case: DpCase, rank: int, world: int, wrap: Callable = lambda m: m, ste
     net = wrap(model)
     if case.needs_held_out:  # attached to what trains (an FSDP1 wrapper runs the held-out pass)
         AutoLoraSearch(held_out_batches(rank, world)).attach(model if case.attach_inside else net)
+    if case.prefix == "hetlr_" and not case.prescore:  # scoring on the training batch, through what trains
+        HeteroLoraData().attach(net)
     opt = make_optimizer(model)
     torch.manual_seed(1)  # the RLoRA noise draws: the same stream on every replica and in one process
     for step in range(steps):

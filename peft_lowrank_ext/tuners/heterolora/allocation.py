@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+import weakref
 from typing import Any, Iterable, Optional
 
 import torch
@@ -56,6 +57,7 @@ RESOLVE = -2  # NEXT_ALLOC: dynamic, the next allocation's step is computed at t
 
 LAST_BATCH_ATTR = "_heterolora_last_batch"
 CAPTURE_ATTR = "_heterolora_capture_handle"
+ENTRY_HOOK_ATTR = "_heterolora_fsdp2_entry_hook"
 
 
 def candidates(root: nn.Module, adapter: str) -> list[Candidate]:
@@ -237,22 +239,53 @@ def capture_batch(root: nn.Module, args, kwargs) -> None:
     if not (root.training and torch.is_grad_enabled() and not root.__dict__.get(BUSY_ATTR, False)):
         return
     object.__setattr__(root, LAST_BATCH_ATTR, (args, kwargs))
+    _allocate_if_due(root, (args, kwargs))
+
+
+def attach_fsdp2_entry(root: nn.Module, model: nn.Module) -> None:
+    """``model`` is the fully_shard model that holds ``root``: allocate (authors' timing) in a forward pre-hook
+    of ``model`` that runs before FSDP's own, so that the scoring passes go through ``model`` outside any FSDP
+    forward (inside ``root``'s forward, FSDP has already gathered the root unit)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from .proxies import ENTRY_ATTR
+
+    if model is root or not isinstance(model, FSDPModule) or not any(m is root for m in model.modules()):
+        return
+    object.__setattr__(root, ENTRY_ATTR, weakref.ref(model))
+    if model.__dict__.get(ENTRY_HOOK_ATTR) is None:
+        def before_fsdp_forward(module, args, kwargs):
+            if root.training and torch.is_grad_enabled() and not root.__dict__.get(BUSY_ATTR, False):
+                _allocate_if_due(root, (args, kwargs))
+
+        object.__setattr__(model, ENTRY_HOOK_ATTR, model.register_forward_pre_hook(
+            before_fsdp_forward, with_kwargs=True, prepend=True))
+
+
+def _allocate_if_due(root: nn.Module, batch: Batch) -> None:
     for adapter, cands in training_groups(root).items():
         config = _config(cands)
         if config.timing != "authors":
             continue
         state = resolve_next(cands, read_state(cands))
         if 0 <= state[NEXT_ALLOC] <= state[STEP]:
-            _allocate_before_step(root, cands, config, (args, kwargs), state)
+            _allocate_before_step(root, cands, config, batch, state)
 
 
-def _check_unsharded(cands: list[Candidate]) -> None:
+def _check_unsharded(cands: list[Candidate], root: nn.Module | None = None) -> None:
+    """FSDP2 scores through the sharded model when one is attached (``attach_fsdp2_entry``), before its forward."""
     sharding = fsdp_kind(cands[0].a)
+    if sharding is not None and sharding.startswith("FSDP2") and root is not None:
+        from .proxies import sharded_entry
+
+        sharded_entry(root)  # raises if no fully_shard model is attached
+        return
     if sharding is not None:
         raise RuntimeError(
-            f"HeteroLoRA scoring under {sharding} is not supported: proxy scoring needs "
-            "the gradients of whole, unsharded A/B. Use DistributedDataParallel, or allocate before "
-            "sharding (heterolora_score(model, batches), or proxy='constant') with mode='static'."
+            f"HeteroLoRA scoring under {sharding} is not supported here: proxy scoring needs the gradients of whole "
+            "A/B. Use DistributedDataParallel; or FSDP2 with timing='authors' and HeteroLoraData attached to the "
+            "fully_shard model; or allocate before sharding (heterolora_score(model, batches), or "
+            "proxy='constant') with mode='static'."
         )
 
 
@@ -275,7 +308,7 @@ def _allocate_before_step(root: nn.Module, cands: list[Candidate], config, curre
         realloc_steps(config)  # a fractional realloc_every without steps_per_epoch fails before anything trains
     scored = 0
     if needs_scoring(cands, config):
-        _check_unsharded(cands)
+        _check_unsharded(cands, root)
         device = cands[0].a.device
         data = attached(root)
         if config.proxy == "alpha_test":

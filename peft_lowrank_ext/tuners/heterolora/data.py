@@ -61,12 +61,18 @@ class HeteroLoraData(TrainerCallback):
     # ----- wiring -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "HeteroLoraData":
         """Use this data for ``model``'s allocations; sets ``steps_per_epoch`` on configs that lack it."""
-        root = adapted_root(model)
+        inner = model
+        while isinstance(getattr(inner, "module", None), nn.Module):  # DDP / FSDP1 wrappers
+            inner = inner.module
+        root = adapted_root(inner)
         layers = [m for m in root.modules() if isinstance(m, HeteroLoraLayer)]
         if not layers:
             raise ValueError("HeteroLoraData.attach: the model has no HeteroLoRA layers (wrap it with "
                              "HeteroLoraConfig)")
         object.__setattr__(root, DATA_ATTR, self)
+        from .allocation import attach_fsdp2_entry
+
+        attach_fsdp2_entry(root, model)
         if self.steps_per_epoch is not None:
             for layer in layers:
                 for config in layer._store("config").values():

@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ...runtime.distributed import replica_reduce
+from ...runtime.distributed import is_sharded, replica_reduce, world_size
 from .layer import DELTA_SCALE_ATTR, LAYER_SCALE_ATTR, WEIGHT_GRAD_ATTR, HeteroLoraLayer
 
 BUSY_ATTR = "_heterolora_busy"
@@ -136,9 +136,41 @@ def _params(cands: list[Candidate]) -> list[torch.Tensor]:
     return [p for c in cands for p in (c.a, c.b)]
 
 
+# ----- FSDP2 ------------------------------------------------------------------------------------
+# Under FSDP2 (fully_shard) A/B are DTensor shards outside forward and autograd.grad cannot reach them:
+# scoring runs before the sharded model's forward (``allocation.attach_fsdp2_entry``), its passes go
+# through that model, gradients come from loss.backward() (FSDP averages them over replicas, as
+# replica_reduce does) and scores read whole tensors (full_tensor()).
+ENTRY_ATTR = "_heterolora_fsdp2_entry"
+
+
+def sharded_entry(root: nn.Module) -> Optional[nn.Module]:
+    """The fully_shard model to run scoring passes through when A/B are FSDP2 shards; None otherwise."""
+    first = next((p for m in root.modules() if isinstance(m, HeteroLoraLayer) for p in m._store("A").values()), None)
+    if first is None or not is_sharded(first):
+        return None
+    ref = root.__dict__.get(ENTRY_ATTR)
+    entry = ref() if ref is not None else None
+    if entry is None:
+        raise RuntimeError(
+            "HeteroLoRA scoring under FSDP2 (fully_shard) needs the sharded model: its passes must go through it, "
+            "before its forward. Attach HeteroLoraData to the fully_shard model you train "
+            "(HeteroLoraData().attach(fsdp_model), or pass it to Trainer as a callback), with timing='authors'.")
+    return entry
+
+
+def _whole(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.full_tensor() if t is not None and is_sharded(t) else t
+
+
+def _runner(root: nn.Module) -> nn.Module:
+    entry = sharded_entry(root)
+    return root if entry is None else entry
+
+
 def _loss(root: nn.Module, batch: Batch) -> torch.Tensor:
     args, kwargs = batch
-    out = root(*args, **kwargs)
+    out = _runner(root)(*args, **kwargs)
     loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
     if loss is None and isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]) and out[0].dim() == 0:
         loss = out[0]
@@ -165,21 +197,27 @@ def _zero_if_none(g: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor
 
 
 def grad_norm_scores(cands: list[Candidate], grads) -> torch.Tensor:
-    out = [_zero_if_none(ga, c.a).float().norm() + _zero_if_none(gb, c.b).float().norm()
+    out = [_zero_if_none(_whole(ga), _whole(c.a)).float().norm() + _zero_if_none(_whole(gb), _whole(c.b)).float().norm()
            for c, (ga, gb) in zip(cands, grads)]
     return torch.stack([o.to(out[0].device) for o in out])
 
 
 def snip_scores(cands: list[Candidate], grads) -> torch.Tensor:
-    out = [(c.a.detach().float() * _zero_if_none(ga, c.a).float()).abs().sum()
-           + (c.b.detach().float() * _zero_if_none(gb, c.b).float()).abs().sum()
-           for c, (ga, gb) in zip(cands, grads)]
+    out = []
+    for c, (ga, gb) in zip(cands, grads):
+        a, b = _whole(c.a).detach().float(), _whole(c.b).detach().float()
+        out.append((a * _zero_if_none(_whole(ga), a).float()).abs().sum()
+                   + (b * _zero_if_none(_whole(gb), b).float()).abs().sum())
     return torch.stack([o.to(out[0].device) for o in out])
 
 
 def loss_grads(root: nn.Module, batch: Batch, cands: list[Candidate]):
     """Gradients of the loss on ``batch`` w.r.t. every candidate's A and B (``.grad`` is left alone)."""
     params = _params(cands)
+    if sharded_entry(root) is not None:
+        with all_switched_on(cands), scoring_pass(root), _requiring_grad(params), torch.enable_grad():
+            grads = _grads_by_backward(root, _loss(root, batch), params)  # replica-averaged by FSDP
+        return _pairs([_whole(g) for g in grads], cands)
     with all_switched_on(cands), scoring_pass(root), _requiring_grad(params), torch.enable_grad():
         loss = _loss(root, batch)
         try:
@@ -250,13 +288,19 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
     try:
         with all_switched_on(cands), scoring_pass(root, training=None if with_labels else False), \
                 _requiring_grad(params), torch.enable_grad():
+            sharded = sharded_entry(root) is not None
             if with_labels:  # the mean loss: the mean over replicas is that of the concatenated batches
                 total = _loss(root, batch).float()
-                grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True))), cands)
+                grads = ([_whole(g) for g in _grads_by_backward(root, total, params)] if sharded
+                         else replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True))))
             else:  # R sums over the batch, so the sum over replicas is R of the concatenated batches.
-                total = _logits(root(*batch[0], **batch[1])).float().sum()
-                grads = _pairs(replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum"),
-                               cands)
+                total = _logits(_runner(root)(*batch[0], **batch[1])).float().sum()
+                if sharded:  # FSDP averages over replicas: times the replica count is the sum
+                    grads = [None if g is None else _whole(g) * world_size()
+                             for g in _grads_by_backward(root, total, params)]
+                else:
+                    grads = replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum")
+            grads = _pairs(grads, cands)
     finally:
         if handle is not None:
             handle.remove()
@@ -344,6 +388,10 @@ def alpha_test_scores(root: nn.Module, batches: list[Batch], cands: list[Candida
 # ----- weight gradient (ours) ---------------------------------------------------------------------
 def weight_grad_scores(root: nn.Module, batch: Batch, cands: list[Candidate]):
     """``(‖Σ g xᵀ‖ per candidate, loss gradients of A/B)`` from one forward/backward pass."""
+    if sharded_entry(root) is not None:
+        raise RuntimeError("HeteroLoRA proxy='weight_grad_norm' under FSDP2 (fully_shard) is not supported: it "
+                           "collects per-layer gradients outside FSDP's reduction. Use another proxy (grad_norm, "
+                           "snip, synflow, alpha_test) under FSDP2.")
     sinks = []
     for c in cands:
         sink = c.layer.__dict__.setdefault(WEIGHT_GRAD_ATTR, {})
