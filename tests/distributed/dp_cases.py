@@ -50,6 +50,7 @@ class DpCase:
     needs_held_out: bool = False
     prescore: bool = False  # HeteroLoRA: heterolora_score on the first training batches before wrapping
     attach_inside: bool = False  # AutoLoRA: attach the held-out data to the PEFT model, not to its wrapper
+    attach_data: bool = True  # HeteroLoRA: attach HeteroLoraData() to what trains (FSDP scores through it)
 
 
 def _targets() -> list[str]:
@@ -108,6 +109,8 @@ FSDP1_CASES = {
     "rlora_no_pac_bayes": DpCase("rlora_no_pac_bayes", "rlr_", lambda: RLoraConfig(
         r=4, lora_alpha=8, projection_ratio=0.25, target_modules=_targets(), task_type="CAUSAL_LM",
         init_weights=False, init_std=0.5, seed=3)),
+    "heterolora_static": CASES["heterolora_static"],
+    "heterolora_dynamic": CASES["heterolora_dynamic"],
     "heterolora_prescored": FSDP2_CASES["heterolora_prescored"],
 }
 FSDP_CASES = {"fsdp2": FSDP2_CASES, "fsdp1": FSDP1_CASES}
@@ -116,12 +119,16 @@ FSDP_REFUSED = {
     "fsdp2": {
         "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP2 (fully_shard) is not "
                           "supported",
+        "heterolora_unattached": "HeteroLoRA scoring under FSDP2 (fully_shard) needs the sharded model",
+        "heterolora_window": "HeteroLoRA scoring under FSDP2 (fully_shard) is not supported with timing='window'",
     },
     "fsdp1": {
         "autolora_darts": "AutoLoRA search with hypergradient='darts_real_step' under FSDP1 "
                           "(FullyShardedDataParallel) is not supported",
         "autolora_attached_inside": "AutoLoraSearch is attached to a module inside the FSDP model",
-        "heterolora_static": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) is not supported",
+        "heterolora_unattached": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) needs the sharded model",
+        "heterolora_window": "HeteroLoRA scoring under FSDP1 (FullyShardedDataParallel) is not supported with "
+                             "timing='window'",
     },
 }
 # The authors' DARTS hypergradient: it steps and rolls back the optimizer (refused under FSDP2 and ZeRO).
@@ -131,8 +138,15 @@ AUTOLORA_DARTS = DpCase("autolora_darts", "autolr_", lambda: AutoLoraConfig(
 # Held-out data attached to the PeftModel inside an FSDP1 wrapper: the pass would bypass the root unit.
 AUTOLORA_INSIDE = DpCase("autolora_attached_inside", "autolr_", CASES["autolora"].make_config, needs_held_out=True,
                          attach_inside=True)
+# HeteroLoRA scoring under FSDP without the sharded model to score through, and with the window timing.
+HETERO_UNATTACHED = DpCase("heterolora_unattached", "hetlr_", CASES["heterolora_static"].make_config,
+                           attach_data=False)
+HETERO_WINDOW = DpCase("heterolora_window", "hetlr_", lambda: HeteroLoraConfig(
+    r=4, lora_alpha=8, target_modules=_targets(), task_type="CAUSAL_LM", init_weights=False, budget=0.5,
+    proxy="snip", proxy_batches=2, timing="window"))
 ALL_CASES = {**CASES, **FSDP2_CASES, **FSDP1_CASES, "autolora_darts": AUTOLORA_DARTS,
-             "autolora_attached_inside": AUTOLORA_INSIDE}
+             "autolora_attached_inside": AUTOLORA_INSIDE, "heterolora_unattached": HETERO_UNATTACHED,
+             "heterolora_window": HETERO_WINDOW}
 # DeepSpeed ZeRO-2 / ZeRO-3 runs (stage:case) through deepspeed.initialize, compared with one process ...
 DEEPSPEED_RUNS = [f"{stage}:{name}" for stage in (2, 3)
                   for name in ("rlora", "autolora", "prilora", "heterolora_static", "heterolora_dynamic",
@@ -198,7 +212,7 @@ def train(case: DpCase, rank: int, world: int, wrap: Callable = lambda m: m, ste
     net = wrap(model)
     if case.needs_held_out:  # attached to what trains (an FSDP1 wrapper runs the held-out pass)
         AutoLoraSearch(held_out_batches(rank, world)).attach(model if case.attach_inside else net)
-    if case.prefix == "hetlr_" and not case.prescore:  # scoring on the training batch, through what trains
+    if case.prefix == "hetlr_" and not case.prescore and case.attach_data:  # scoring through what trains
         HeteroLoraData().attach(net)
     opt = make_optimizer(model)
     torch.manual_seed(1)  # the RLoRA noise draws: the same stream on every replica and in one process

@@ -242,15 +242,16 @@ def capture_batch(root: nn.Module, args, kwargs) -> None:
     _allocate_if_due(root, (args, kwargs))
 
 
-def attach_fsdp2_entry(root: nn.Module, model: nn.Module) -> None:
-    """``model`` is the fully_shard model that holds ``root``: allocate (authors' timing) in a forward pre-hook
-    of ``model`` that runs before FSDP's own, so that the scoring passes go through ``model`` outside any FSDP
-    forward (inside ``root``'s forward, FSDP has already gathered the root unit)."""
-    from torch.distributed.fsdp import FSDPModule
+def attach_sharded_entry(root: nn.Module, model: nn.Module) -> None:
+    """``model`` is the FSDP model (fully_shard root or FSDP1 wrapper) that holds ``root``: allocate (authors'
+    timing) in a forward pre-hook of ``model`` that runs before FSDP's forward, so that the scoring passes go
+    through ``model`` outside any FSDP forward (inside ``root``'s forward the root unit is already gathered)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     from .proxies import ENTRY_ATTR
 
-    if model is root or not isinstance(model, FSDPModule) or not any(m is root for m in model.modules()):
+    if (model is root or not isinstance(model, (FSDPModule, FullyShardedDataParallel))
+            or not any(m is root for m in model.modules())):
         return
     object.__setattr__(root, ENTRY_ATTR, weakref.ref(model))
     if model.__dict__.get(ENTRY_HOOK_ATTR) is None:
@@ -273,19 +274,20 @@ def _allocate_if_due(root: nn.Module, batch: Batch) -> None:
 
 
 def _check_unsharded(cands: list[Candidate], root: nn.Module | None = None) -> None:
-    """FSDP2 scores through the sharded model when one is attached (``attach_fsdp2_entry``), before its forward."""
+    """Under FSDP, scoring goes through the sharded model when one is attached (``attach_sharded_entry``), before
+    its forward; without ``root`` (the window timing's pre-step scoring) it is refused."""
     sharding = fsdp_kind(cands[0].a)
-    if sharding is not None and sharding.startswith("FSDP2") and root is not None:
+    if sharding is not None and root is not None:
         from .proxies import sharded_entry
 
         sharded_entry(root)  # raises if no fully_shard model is attached
         return
     if sharding is not None:
         raise RuntimeError(
-            f"HeteroLoRA scoring under {sharding} is not supported here: proxy scoring needs the gradients of whole "
-            "A/B. Use DistributedDataParallel; or FSDP2 with timing='authors' and HeteroLoraData attached to the "
-            "fully_shard model; or allocate before sharding (heterolora_score(model, batches), or "
-            "proxy='constant') with mode='static'."
+            f"HeteroLoRA scoring under {sharding} is not supported with timing='window': proxy scoring needs the "
+            "gradients of whole A/B. Use timing='authors' (the default) with HeteroLoraData attached to the FSDP "
+            "model; or DistributedDataParallel; or allocate before sharding (heterolora_score(model, batches)) "
+            "with mode='static'."
         )
 
 

@@ -70,9 +70,9 @@ class HeteroLoraData(TrainerCallback):
             raise ValueError("HeteroLoraData.attach: the model has no HeteroLoRA layers (wrap it with "
                              "HeteroLoraConfig)")
         object.__setattr__(root, DATA_ATTR, self)
-        from .allocation import attach_fsdp2_entry
+        from .allocation import attach_sharded_entry
 
-        attach_fsdp2_entry(root, model)
+        attach_sharded_entry(root, model)
         if self.steps_per_epoch is not None:
             for layer in layers:
                 for config in layer._store("config").values():

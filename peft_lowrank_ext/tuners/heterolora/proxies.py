@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ...runtime.distributed import is_sharded, replica_reduce, world_size
+from ...runtime.distributed import fsdp_kind, is_sharded, replica_reduce, world_size
 from .layer import DELTA_SCALE_ATTR, LAYER_SCALE_ATTR, WEIGHT_GRAD_ATTR, HeteroLoraLayer
 
 BUSY_ATTR = "_heterolora_busy"
@@ -136,31 +136,65 @@ def _params(cands: list[Candidate]) -> list[torch.Tensor]:
     return [p for c in cands for p in (c.a, c.b)]
 
 
-# ----- FSDP2 ------------------------------------------------------------------------------------
-# Under FSDP2 (fully_shard) A/B are DTensor shards outside forward and autograd.grad cannot reach them:
-# scoring runs before the sharded model's forward (``allocation.attach_fsdp2_entry``), its passes go
-# through that model, gradients come from loss.backward() (FSDP averages them over replicas, as
-# replica_reduce does) and scores read whole tensors (full_tensor()).
-ENTRY_ATTR = "_heterolora_fsdp2_entry"
+# ----- FSDP ------------------------------------------------------------------------------------
+# Under FSDP A/B are shards outside forward (FSDP2: DTensors; FSDP1: flat slices) and autograd.grad cannot
+# reach them: scoring runs before the sharded model's forward (``allocation.attach_sharded_entry``), its
+# passes go through that model, gradients come from loss.backward() (FSDP averages them over replicas, as
+# replica_reduce does) and scores read whole tensors (FSDP2: full_tensor(); FSDP1: copies taken inside
+# summon_full_params right after the backward).
+ENTRY_ATTR = "_heterolora_fsdp_entry"
+_FSDP1_WHOLE: dict[int, torch.Tensor] = {}  # id(parameter) -> whole value, for the scoring pass running now
+
+
+def _sharding(root: nn.Module) -> Optional[str]:
+    first = next((p for m in root.modules() if isinstance(m, HeteroLoraLayer) for p in m._store("A").values()), None)
+    return None if first is None else fsdp_kind(first)
 
 
 def sharded_entry(root: nn.Module) -> Optional[nn.Module]:
-    """The fully_shard model to run scoring passes through when A/B are FSDP2 shards; None otherwise."""
-    first = next((p for m in root.modules() if isinstance(m, HeteroLoraLayer) for p in m._store("A").values()), None)
-    if first is None or not is_sharded(first):
+    """The FSDP model to run scoring passes through when A/B are FSDP shards; None otherwise."""
+    sharding = _sharding(root)
+    if sharding is None:
         return None
     ref = root.__dict__.get(ENTRY_ATTR)
     entry = ref() if ref is not None else None
     if entry is None:
         raise RuntimeError(
-            "HeteroLoRA scoring under FSDP2 (fully_shard) needs the sharded model: its passes must go through it, "
-            "before its forward. Attach HeteroLoraData to the fully_shard model you train "
-            "(HeteroLoraData().attach(fsdp_model), or pass it to Trainer as a callback), with timing='authors'.")
+            f"HeteroLoRA scoring under {sharding} needs the sharded model: its passes must go through it, before "
+            "its forward. Attach HeteroLoraData to the FSDP model you train (HeteroLoraData().attach(fsdp_model), "
+            "or pass it to Trainer as a callback), with timing='authors'.")
     return entry
 
 
 def _whole(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return t.full_tensor() if t is not None and is_sharded(t) else t
+    if t is None:
+        return t
+    if is_sharded(t):
+        return t.full_tensor()
+    return _FSDP1_WHOLE.get(id(t), t)
+
+
+def _backward_grads(root: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Whole, replica-averaged gradients of ``loss`` under FSDP (``.grad`` stashed and restored)."""
+    entry = sharded_entry(root)
+    if _sharding(root) != "FSDP1 (FullyShardedDataParallel)":
+        return [_whole(g) for g in _grads_by_backward(root, loss, params)]
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    trainable = [p for p in root.parameters() if p.requires_grad]
+    stash = [p.grad for p in trainable]
+    for p in trainable:
+        p.grad = None
+    try:
+        loss.backward()
+        _FSDP1_WHOLE.clear()
+        with FullyShardedDataParallel.summon_full_params(entry, writeback=False, with_grads=True):
+            grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            _FSDP1_WHOLE.update({id(p): p.detach().clone() for p in params})
+        return grads
+    finally:
+        for p, g in zip(trainable, stash):
+            p.grad = g
 
 
 def _runner(root: nn.Module) -> nn.Module:
@@ -216,8 +250,8 @@ def loss_grads(root: nn.Module, batch: Batch, cands: list[Candidate]):
     params = _params(cands)
     if sharded_entry(root) is not None:
         with all_switched_on(cands), scoring_pass(root), _requiring_grad(params), torch.enable_grad():
-            grads = _grads_by_backward(root, _loss(root, batch), params)  # replica-averaged by FSDP
-        return _pairs([_whole(g) for g in grads], cands)
+            grads = _backward_grads(root, _loss(root, batch), params)  # replica-averaged by FSDP
+        return _pairs(grads, cands)
     with all_switched_on(cands), scoring_pass(root), _requiring_grad(params), torch.enable_grad():
         loss = _loss(root, batch)
         try:
@@ -291,13 +325,12 @@ def synflow_scores(root: nn.Module, batch: Batch, cands: list[Candidate], with_l
             sharded = sharded_entry(root) is not None
             if with_labels:  # the mean loss: the mean over replicas is that of the concatenated batches
                 total = _loss(root, batch).float()
-                grads = ([_whole(g) for g in _grads_by_backward(root, total, params)] if sharded
+                grads = (_backward_grads(root, total, params) if sharded
                          else replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True))))
             else:  # R sums over the batch, so the sum over replicas is R of the concatenated batches.
                 total = _logits(_runner(root)(*batch[0], **batch[1])).float().sum()
                 if sharded:  # FSDP averages over replicas: times the replica count is the sum
-                    grads = [None if g is None else _whole(g) * world_size()
-                             for g in _grads_by_backward(root, total, params)]
+                    grads = [None if g is None else g * world_size() for g in _backward_grads(root, total, params)]
                 else:
                     grads = replica_reduce(list(torch.autograd.grad(total, params, allow_unused=True)), "sum")
             grads = _pairs(grads, cands)
@@ -389,9 +422,9 @@ def alpha_test_scores(root: nn.Module, batches: list[Batch], cands: list[Candida
 def weight_grad_scores(root: nn.Module, batch: Batch, cands: list[Candidate]):
     """``(‖Σ g xᵀ‖ per candidate, loss gradients of A/B)`` from one forward/backward pass."""
     if sharded_entry(root) is not None:
-        raise RuntimeError("HeteroLoRA proxy='weight_grad_norm' under FSDP2 (fully_shard) is not supported: it "
+        raise RuntimeError(f"HeteroLoRA proxy='weight_grad_norm' under {_sharding(root)} is not supported: it "
                            "collects per-layer gradients outside FSDP's reduction. Use another proxy (grad_norm, "
-                           "snip, synflow, alpha_test) under FSDP2.")
+                           "snip, synflow, alpha_test) under FSDP.")
     sinks = []
     for c in cands:
         sink = c.layer.__dict__.setdefault(WEIGHT_GRAD_ATTR, {})
