@@ -105,6 +105,13 @@ class LowRankTuner(BaseTuner):
         return remapped
 
 
+def unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    """The module inside DDP / FSDP1 wrappers (their ``.module``); FSDP2 and plain models as they are."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
 def adapted_root(model: nn.Module) -> nn.Module:
     """The transformers model that carries the adapter layers (inside a PeftModel or a tuner)."""
     from peft import PeftModel

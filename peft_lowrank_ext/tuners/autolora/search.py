@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .._base.tuner import adapted_root
+from .._base.tuner import adapted_root, unwrap_data_parallel
 from ...runtime.distributed import deepspeed_managed, fsdp_kind, replica_reduce
 from .layer import AutoLoraLayer
 
@@ -72,10 +72,7 @@ class AutoLoraSearch(TrainerCallback):
 
     # ----- wiring -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "AutoLoraSearch":
-        inner = model
-        while isinstance(getattr(inner, "module", None), nn.Module):  # DDP / FSDP1 wrappers
-            inner = inner.module
-        root = adapted_root(inner)
+        root = adapted_root(unwrap_data_parallel(model))
         if not any(isinstance(m, AutoLoraLayer) for m in root.modules()):
             raise ValueError("AutoLoraSearch.attach: the model has no AutoLoRA layers (wrap it with AutoLoraConfig)")
         object.__setattr__(root, SEARCH_ATTR, self)

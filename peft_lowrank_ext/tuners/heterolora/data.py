@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .._base.tuner import adapted_root
+from .._base.tuner import adapted_root, unwrap_data_parallel
 from .layer import HeteroLoraLayer
 
 DATA_ATTR = "_heterolora_data"
@@ -61,10 +61,7 @@ class HeteroLoraData(TrainerCallback):
     # ----- wiring -----------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> "HeteroLoraData":
         """Use this data for ``model``'s allocations; sets ``steps_per_epoch`` on configs that lack it."""
-        inner = model
-        while isinstance(getattr(inner, "module", None), nn.Module):  # DDP / FSDP1 wrappers
-            inner = inner.module
-        root = adapted_root(inner)
+        root = adapted_root(unwrap_data_parallel(model))
         layers = [m for m in root.modules() if isinstance(m, HeteroLoraLayer)]
         if not layers:
             raise ValueError("HeteroLoraData.attach: the model has no HeteroLoRA layers (wrap it with "
