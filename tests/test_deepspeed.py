@@ -23,9 +23,11 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from test_distributed import WORKERS, _assert_matches, _assert_trained, _free_port, _launch, _replicas  # noqa: E402
+from test_distributed import (  # noqa: E402,F401 (single_process: the fixture, one process per case)
+    WORKERS, _assert_matches, _assert_trained, _free_port, _launch, _replicas, single_process,
+)
 from dp_cases import (  # noqa: E402
-    ALL_CASES, DEEPSPEED_REFUSED, DEEPSPEED_RUNS, DEEPSPEED_TRAINER_RUNS, adapter_state, train,
+    ALL_CASES, DEEPSPEED_REFUSED, DEEPSPEED_RUNS, DEEPSPEED_TRAINER_RUNS,
 )
 from test_prilora import _assert_same_state  # noqa: E402
 
@@ -49,37 +51,26 @@ def trainer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def single_process():
-    cache: dict[str, dict] = {}
-
-    def get(name: str, steps: int | None = None) -> dict[str, torch.Tensor]:
-        key = f"{name}:{steps}"
-        if key not in cache:
-            case = ALL_CASES[name]
-            cache[key] = adapter_state(train(case, rank=0, world=1, **({} if steps is None else {"steps": steps})),
-                                       case.prefix)
-        return cache[key]
-
-    return get
-
-
 def _split(run: str) -> tuple[int, str]:
     stage, name = run.split(":")
     return int(stage), name
 
 
-def _assert_refused(result: dict, stage: int, name: str) -> None:
-    assert "error" in result, f"{name} trained under ZeRO-{stage}; remove it from DEEPSPEED_REFUSED and compare it"
-    assert DEEPSPEED_REFUSED[stage][name] in result["error"], result["traceback"]
+def _refused(out_dir: Path, stem: str, stage: int, name: str) -> bool:
+    """Whether ZeRO-``stage`` refuses ``name``; if so, both replicas must have raised the expected error."""
+    if name not in DEEPSPEED_REFUSED.get(stage, {}):
+        return False
+    for rank in range(2):
+        result = torch.load(out_dir / f"{stem}_rank{rank}.pt")
+        assert "error" in result, f"{name} trained under ZeRO-{stage}; remove it from DEEPSPEED_REFUSED and compare it"
+        assert DEEPSPEED_REFUSED[stage][name] in result["error"], result["traceback"]
+    return True
 
 
 @pytest.mark.parametrize("run", DEEPSPEED_RUNS)
 def test_zero_engine_replicas_equal_single_process(run, engine_dir, single_process):
     stage, name = _split(run)
-    if name in DEEPSPEED_REFUSED.get(stage, {}):
-        for rank in range(2):
-            _assert_refused(torch.load(engine_dir / f"zero{stage}_{name}_rank{rank}.pt"), stage, name)
+    if _refused(engine_dir, f"zero{stage}_{name}", stage, name):
         return
     base = name.split("@")[0]  # "@gas2": 2 micro-batches per step, against the same single-process run
     case = ALL_CASES[base]
@@ -92,9 +83,7 @@ def test_zero_engine_replicas_equal_single_process(run, engine_dir, single_proce
 @pytest.mark.parametrize("run", DEEPSPEED_TRAINER_RUNS)
 def test_zero_trainer_defaults_replicas_identical_and_method_ran(run, trainer_dir, single_process):
     stage, name = _split(run)
-    if name in DEEPSPEED_REFUSED.get(stage, {}):
-        for rank in range(2):
-            _assert_refused(torch.load(trainer_dir / f"trainer_zero{stage}_{name}_rank{rank}.pt"), stage, name)
+    if _refused(trainer_dir, f"trainer_zero{stage}_{name}", stage, name):
         return
     case = ALL_CASES[name.removeprefix("sft_")]
     rank0, rank1 = _replicas(trainer_dir, f"trainer_zero{stage}_{name}")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 _WRAPPED_ATTR = "_lowrank_steps_wrapped"
+_MODELS_ATTR = "_lowrank_registered_models"
 
 
 def install_if_loaded() -> None:
@@ -47,7 +48,7 @@ def install_if_loaded() -> None:
 
     @functools.wraps(original)
     def step(engine, *args, **kwargs):
-        models = _registered_models(engine.module)
+        models = _registered_models(engine)
         if not models or not engine.is_gradient_accumulation_boundary():
             return original(engine, *args, **kwargs)
         for model in models:
@@ -66,14 +67,20 @@ def install_if_loaded() -> None:
     engine_cls.step = step
 
 
-def _registered_models(module: nn.Module) -> list[nn.Module]:
+def _registered_models(engine) -> list[nn.Module]:
+    """The registered models inside ``engine.module``; the module walk is cached per engine until the set of
+    registered models changes (this runs at every micro-batch)."""
     from .step_hooks import registered_models
 
     registered = registered_models()
     if not registered:
         return []
-    ids = {id(m) for m in registered}
-    return [m for m in module.modules() if id(m) in ids]
+    ids = frozenset(id(m) for m in registered)
+    cached = engine.__dict__.get(_MODELS_ATTR)
+    if cached is None or cached[0] != ids:
+        cached = (ids, [m for m in engine.module.modules() if id(m) in ids])
+        engine.__dict__[_MODELS_ATTR] = cached
+    return cached[1]
 
 
 def _release_leftovers(engine) -> None:

@@ -10,6 +10,7 @@ Outside ``torch.distributed`` (or with one process) everything is returned uncha
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -43,6 +44,17 @@ def fsdp_kind(tensor: torch.Tensor) -> Optional[str]:
     if getattr(tensor, "_fsdp_flattened", False):  # set by FSDP1 on the parameters it flattens
         return "FSDP1 (FullyShardedDataParallel)"
     return None
+
+
+def fsdp1_whole(module: torch.nn.Module, tensors, writeback: bool = False, with_grads: bool = False):
+    """A context in which FSDP1's flat slices of ``tensors`` (parameters inside ``module``) are whole again
+    (``summon_full_params``, with their gradients if ``with_grads``); a no-op when none is FSDP1-managed.
+    A collective: every rank must enter it together."""
+    if any(fsdp_kind(t) == "FSDP1 (FullyShardedDataParallel)" for t in tensors):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.summon_full_params(module, writeback=writeback, with_grads=with_grads)
+    return contextlib.nullcontext()
 
 
 def deepspeed_managed(param: torch.Tensor) -> bool:

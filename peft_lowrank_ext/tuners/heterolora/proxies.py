@@ -56,7 +56,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ...runtime.distributed import fsdp_kind, is_sharded, replica_reduce, world_size
+from ...runtime.distributed import fsdp1_whole, fsdp_kind, is_sharded, replica_reduce, world_size
 from .layer import DELTA_SCALE_ATTR, LAYER_SCALE_ATTR, WEIGHT_GRAD_ATTR, HeteroLoraLayer
 
 BUSY_ATTR = "_heterolora_busy"
@@ -176,25 +176,15 @@ def _whole(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _backward_grads(root: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     """Whole, replica-averaged gradients of ``loss`` under FSDP (``.grad`` stashed and restored)."""
-    entry = sharded_entry(root)
     if _sharding(root) != "FSDP1 (FullyShardedDataParallel)":
         return [_whole(g) for g in _grads_by_backward(root, loss, params)]
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    trainable = [p for p in root.parameters() if p.requires_grad]
-    stash = [p.grad for p in trainable]
-    for p in trainable:
-        p.grad = None
-    try:
+    with _stashed_grads(root):
         loss.backward()
         _FSDP1_WHOLE.clear()
-        with FullyShardedDataParallel.summon_full_params(entry, writeback=False, with_grads=True):
+        with fsdp1_whole(sharded_entry(root), params, with_grads=True):
             grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
             _FSDP1_WHOLE.update({id(p): p.detach().clone() for p in params})
         return grads
-    finally:
-        for p, g in zip(trainable, stash):
-            p.grad = g
 
 
 def _runner(root: nn.Module) -> nn.Module:
@@ -267,19 +257,26 @@ def loss_grads(root: nn.Module, batch: Batch, cands: list[Candidate]):
     return _pairs(replica_reduce(list(grads)), cands)
 
 
-def _grads_by_backward(root: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]):
-    """``loss.backward()`` with every ``.grad`` stashed and restored (where autograd.grad cannot see the
-    adapter weights: reentrant gradient checkpointing)."""
+@contextlib.contextmanager
+def _stashed_grads(root: nn.Module) -> Iterator[None]:
+    """Every trainable parameter's ``.grad`` cleared inside the block and restored after it."""
     trainable = [p for p in root.parameters() if p.requires_grad]
     stash = [p.grad for p in trainable]
     for p in trainable:
         p.grad = None
     try:
-        loss.backward()
-        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+        yield
     finally:
         for p, g in zip(trainable, stash):
             p.grad = g
+
+
+def _grads_by_backward(root: nn.Module, loss: torch.Tensor, params: list[torch.Tensor]):
+    """``loss.backward()`` with every ``.grad`` stashed and restored (where autograd.grad cannot see the
+    adapter weights: reentrant gradient checkpointing, FSDP)."""
+    with _stashed_grads(root):
+        loss.backward()
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
 
 
 # ----- SynFlow ----------------------------------------------------------------------------------

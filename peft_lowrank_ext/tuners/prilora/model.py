@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -11,7 +10,7 @@ from transformers import TrainerCallback
 
 from .._base.tuner import adapter_layers
 from ..gated.model import GatedTuner
-from ...runtime.distributed import distributed_active, fsdp_kind
+from ...runtime.distributed import distributed_active, fsdp1_whole
 from ...runtime.step_hooks import register_step_callbacks
 from .config import PriLoraConfig
 from .depth import block_position, linear_rank
@@ -120,19 +119,10 @@ def prilora_post_step(root: nn.Module, optimizer: torch.optim.Optimizer | None =
            if is_prune_step(schedule, step)]
     if not due:
         return
-    with _whole_weights(root, [layer._store("A")[adapter] for layer, adapter, _, _ in due]):
+    # FSDP1 keeps a flat slice of each A outside forward: prune on the whole tensors (read-only).
+    with fsdp1_whole(root, [layer._store("A")[adapter] for layer, adapter, _, _ in due]):
         for layer, adapter, step, schedule in due:
             layer.prune(adapter, step, sparsity_at(layer._store("config")[adapter], step, schedule))
-
-
-def _whole_weights(root: nn.Module, weights: list[torch.Tensor]):
-    """FSDP1 keeps a flat slice of each A outside forward: gather the whole tensors (read-only) for pruning.
-    Every rank prunes at the same steps, so every rank enters this collective together."""
-    if any(fsdp_kind(w) == "FSDP1 (FullyShardedDataParallel)" for w in weights):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel.summon_full_params(root, writeback=False)
-    return contextlib.nullcontext()
 
 
 # ----- the run's length ---------------------------------------------------------------------------

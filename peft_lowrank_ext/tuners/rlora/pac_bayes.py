@@ -27,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from ...runtime.distributed import fsdp_kind
+from ...runtime.distributed import fsdp1_whole
 from ...runtime.step_hooks import register_step_callbacks
 from .layer import RLoraLayer
 
@@ -107,12 +107,8 @@ def _apply_regularizer_gradients(model: torch.nn.Module, optimizer: torch.optim.
     Under FSDP1, where each rank holds a flat slice of every parameter and gradient outside forward, this
     runs on the whole tensors (``summon_full_params`` with gradients, written back to the local shards).
     """
-    if any(fsdp_kind(p) == "FSDP1 (FullyShardedDataParallel)" for p in model.parameters() if p.requires_grad):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        with FullyShardedDataParallel.summon_full_params(model, writeback=True, with_grads=True):
-            _add_regularizer_gradients(model)
-    else:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with fsdp1_whole(model, trainable, writeback=True, with_grads=True):
         _add_regularizer_gradients(model)
 
 
