@@ -76,8 +76,8 @@ def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
     The fusion switches and ``LOG2_S`` are constexprs, so a binary is fixed by tile shape, stride,
     switches, dtypes, SPLIT and the JIT's integer specialisation at the sample sizes.
     """
-    from peft_lowrank_ext.kernels._triton_hadamard import (FUSION_FLAGS, MIN_LOG2, NUM_WARPS, max_registers,
-                                                           plan_passes, split_dot)
+    from peft_lowrank_ext.kernels._triton_hadamard import (FUSION_FLAGS, MIN_LOG2, dot_mode, is_half_dot,
+                                                           max_registers, plan_passes)
 
     roles = {name: (dts, ((), ()), FWHT_ROWS, None, None) for name, dts in _fwht_roles().items() if name != "fastfood"}
     # (prologue, epilogue) switches, padded input length d_in and truncated output length d_out.
@@ -89,35 +89,37 @@ def fwht_specs(max_log2: int = 24) -> list[KernelSpec]:
         roles[name] = (_fwht_roles()["fastfood"], (prologue, epilogue), FASTFOOD_ROWS, d_in, d_out)
     specs: dict[tuple, KernelSpec] = {}
     for role, ((src_dt, dst_dt), (prologue, epilogue), rows, d_in, d_out) in roles.items():
-        split = split_dot(dst_dt)
+        dot = dot_mode(dst_dt, interpret=False)
         for log2_n in range(MIN_LOG2, max_log2 + 1):
             length = 1 << log2_n
             if (d_in or 0) > length or (d_out or 0) > length:
                 continue
-            for plan in plan_passes(log2_n):
+            for plan in plan_passes(log2_n, is_half_dot(dot)):
                 cfg = plan.config
-                src = _TRITON_TYPES[src_dt if plan.first else torch.float32]
-                dst = _TRITON_TYPES[dst_dt if plan.last else torch.float32]
+                src = _TRITON_TYPES[src_dt if plan.first else dst_dt]  # the workspace has dst's dtype
+                dst = _TRITON_TYPES[dst_dt]
                 on = set(prologue if plan.first else ()) | set(epilogue if plan.last else ())
                 flags = {name: name in on for name in FUSION_FLAGS}
                 ints = {"n_lines": rows << (log2_n - cfg.log2_m),
                         "in_cols": d_in if plan.first and d_in else length,
                         "out_cols": d_out if plan.last and d_out else length, "LOG2_L": log2_n}
-                key = (cfg, plan.log2_s, tuple(flags.values()), src, dst, split,
+                key = (cfg, plan.log2_s, tuple(flags.values()), src, dst, dot,
                        tuple(v % 16 == 0 or v == 1 for v in ints.values()))
                 if key in specs:
                     continue
                 ptrs = {"x_ptr": src, "y_ptr": dst, "in_idx_ptr": "i32", "out_idx_ptr": "i32"}
                 cx = dict(LOG2_S=plan.log2_s, **flags, LOG2_M=cfg.log2_m, C=cfg.lines, STRIDED=cfg.strided,
-                          SPLIT=split)
+                          DOT=dot)
                 layout = f"strided S=2^{plan.log2_s}" if cfg.strided else "contiguous"
                 fused = "+".join(sorted(on)) or "no fusion"
-                cap = max_registers(cfg.log2_m, cfg.strided, split)
-                config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={NUM_WARPS}"
+                cap = max_registers(cfg.log2_m, cfg.strided, dot)
+                operands = f"{dst} operands" if is_half_dot(dot) else "split-tf32"
+                config = (f"M=2^{cfg.log2_m} {layout} C={cfg.lines} warps={cfg.num_warps}"
                           f"{f' maxnreg={cap}' if cap else ''} {src}->{dst} "
-                          f"{'split-tf32' if split else 'tf32'} {fused} (n=2^{log2_n}, {role})")
+                          f"{operands} {fused} (n=2^{log2_n}, {role})")
                 specs[key] = KernelSpec("peft_lowrank_ext.kernels._triton_hadamard", "fwht_pass_kernel", config,
-                                        tuple(ptrs.items()), tuple(cx.items()), NUM_WARPS, tuple(ints.items()), cap)
+                                        tuple(ptrs.items()), tuple(cx.items()), cfg.num_warps, tuple(ints.items()),
+                                        cap)
     return list(specs.values())
 
 
@@ -126,20 +128,21 @@ def masked_lowrank_specs() -> list[KernelSpec]:
     from peft_lowrank_ext.kernels import _triton_masked_lowrank as mlr
 
     specs = []
-    kernels = [("masked_lowrank_fwd_kernel", {"BLOCK_K": mlr.BLOCK_K}),
+    kernels = [("masked_lowrank_fwd_kernel", {"BLOCK_K": mlr.BLOCK_K, "HAS_BASE": True}),
                ("masked_lowrank_bwd_rows_kernel", {"BLOCK_K": mlr.BLOCK_K, "GATE_GRAD": True}),
                ("masked_lowrank_bwd_weights_kernel", {})]
     for dtype in (torch.float32, torch.bfloat16):
         dt = _TRITON_TYPES[dtype]
         precision = mlr.dot_precision(torch.empty(0, dtype=dtype))
-        ptrs = {name: dt for name in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "dy_ptr", "dx_ptr")}
+        ptrs = {name: dt for name in ("x_ptr", "a_ptr", "b_ptr", "y_ptr", "base_ptr", "dy_ptr", "dx_ptr")}
         ptrs["order_ptr"] = "i32"
         for r in (16, mlr.MAX_TRITON_RANK):
             cfg, warps = mlr.rank_config(r), mlr.NUM_WARPS
             for kernel, extra in kernels:
                 cx = dict(cfg, HAS_MASK=True, BLOCK_N=mlr.BLOCK_N, BLOCK_D=mlr.BLOCK_D, PRECISION=precision, **extra)
                 config = (f"R_PAD={cfg['R_PAD']} widths={[cfg['R_PAD'] >> i for i in range(cfg['LEVELS'] + 1)]} "
-                          f"warps={warps} {dt} {precision} mask" + (" dg" if extra.get("GATE_GRAD") else ""))
+                          f"warps={warps} {dt} {precision} mask" + (" dg" if extra.get("GATE_GRAD") else "")
+                          + (" +base" if extra.get("HAS_BASE") else ""))
                 # An LLM-shaped launch: 4096 tokens, d_in = d_out = 4096, rows_per_split a BLOCK_N multiple.
                 ints = dict(N=4096, D_IN=4096, D_OUT=4096, R=r, rows_per_split=8 * mlr.BLOCK_N)
                 specs.append(KernelSpec("peft_lowrank_ext.kernels._triton_masked_lowrank", kernel, config,

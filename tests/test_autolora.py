@@ -116,10 +116,11 @@ def test_first_order_step_is_adam_on_the_validation_gradient():
     assert not any(n.endswith("beta") for n, p in model.named_parameters()), "β is not the user's optimizer's"
 
 
-def _plain_masked_lowrank(x, a, b, gate, scale, mask=None):
+def _plain_masked_lowrank(x, a, b, gate, scale, mask=None, *, base=None, kernel=None):
     """The gated product in plain autograd ops (twice differentiable), for the exact reference."""
     a = a if mask is None else a * mask
-    return scale * ((x @ a.t()) * gate) @ b.t()
+    y = scale * ((x @ a.t()) * gate) @ b.t()
+    return y if base is None else base + y.to(base.dtype)
 
 
 def test_darts_virtual_sgd_matches_the_exact_unrolled_hypergradient(monkeypatch):

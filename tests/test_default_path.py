@@ -17,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from methods import METHODS
 from models import tiny_llama
+from aten_ops import aten_ops
 from trainer_utils import lm_dataset, make_tokenizer, text_dataset
 from peft_lowrank_ext import export_lora, prilora_step
 from peft_lowrank_ext.tuners.heterolora import heterolora_allocation
@@ -247,3 +248,21 @@ def test_two_optimizers_rlora_regulariser_added_once(tmp_path):
         return torch.cat([z.detach().flatten() for z in zs])
 
     torch.testing.assert_close(run(split=True), run(split=False), atol=1e-6, rtol=0)
+
+
+
+@pytest.mark.parametrize("method", ["autolora", "prilora", "heterolora"])
+def test_gated_update_accumulates_into_the_base_output(method):
+    """On an fp32 base a gated layer adds its update through the product's own ``addmm`` (no extra
+    read-add-write pass over the output), and gives what base + update added afterwards gives."""
+    model = _wrap(method)
+    layer = next(m for m in model.modules() if type(m).__name__.endswith("Linear") and hasattr(m, "adapter_add"))
+    for m in model.modules():
+        if hasattr(m, "set_on"):
+            m.set_on("default", True)
+    x = torch.randn(2, 8, layer.in_features)
+    ops = aten_ops(lambda: layer(x))
+    assert ops.count("addmm") == 1 and "add" not in ops, ops
+    want = layer.base_layer(x) + layer.adapter_update(x, "default")
+    assert layer.adapter_update(x, "default").abs().max() > 1e-3  # the adapter is not a no-op here
+    torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)

@@ -51,8 +51,8 @@ def _load_a(a_ptr, mask_ptr, offs, ok, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr,
-              N, D_IN, D_OUT, R, scale, n_act, W: tl.constexpr, HAS_MASK: tl.constexpr,
+def _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr, base_ptr,
+              N, D_IN, D_OUT, R, scale, n_act, W: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               PRECISION: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,21 +76,25 @@ def _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr,
         b_t = tl.load(b_ptr + ds[None, :] * R + ranks[:, None], mask=rank_ok[:, None] & d_ok[None, :],
                       other=0.0).to(tl.float32)
         y = tl.dot(hg, b_t, input_precision=PRECISION)
-        tl.store(y_ptr + rows[:, None] * D_OUT + ds[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        y_offs = rows[:, None] * D_OUT + ds[None, :]
+        y_ok = row_ok[:, None] & d_ok[None, :]
+        if HAS_BASE:  # the layer's base output, accumulated here instead of in a separate pass
+            y += tl.load(base_ptr + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit
-def masked_lowrank_fwd_kernel(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr,
+def masked_lowrank_fwd_kernel(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr, base_ptr,
                               N, D_IN, D_OUT, R, scale, R_PAD: tl.constexpr, LEVELS: tl.constexpr,
-                              HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """y = s·((x Aᵀ) ⊙ g) Bᵀ and h = x Aᵀ (fp32, active ranks) for BLOCK_N tokens."""
+                              HAS_MASK: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """y = [base +] s·((x Aᵀ) ⊙ g) Bᵀ and h = x Aᵀ (fp32, active ranks) for BLOCK_N tokens."""
     n_act = tl.load(order_ptr)
     for level in tl.static_range(LEVELS + 1):
         if _width_selected(n_act, R_PAD >> (LEVELS - level), R_PAD >> LEVELS):
-            _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr, N, D_IN, D_OUT, R,
-                      scale, n_act, R_PAD >> (LEVELS - level), HAS_MASK, BLOCK_N, BLOCK_K, BLOCK_D, PRECISION)
+            _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr, base_ptr, N, D_IN, D_OUT,
+                      R, scale, n_act, R_PAD >> (LEVELS - level), HAS_MASK, HAS_BASE, BLOCK_N, BLOCK_K, BLOCK_D,
+                      PRECISION)
 
 
 @triton.jit
@@ -247,18 +251,20 @@ def rank_order(gate: torch.Tensor, skip_zero_gates: bool) -> torch.Tensor:
     return torch.cat([keep.sum().reshape(1), order]).to(torch.int32)
 
 
-def masked_lowrank_fwd_triton(x, a, b, gate, mask, scale: float, skip_zero_gates: bool):
-    """Returns ``y`` (N, d_out) in x's dtype and ``h = x Aᵀ`` (N, r) fp32 (zero for skipped ranks)."""
+def masked_lowrank_fwd_triton(x, a, b, gate, mask, scale: float, skip_zero_gates: bool, base=None):
+    """Returns ``y`` (N, d_out) and ``h = x Aᵀ`` (N, r) fp32 (zero for skipped ranks). ``y`` is in x's
+    dtype, or ``base + update`` in base's dtype when a contiguous (N, d_out) ``base`` is given."""
     n, d_in = x.shape
     d_out, r = b.shape
-    y = torch.empty(n, d_out, device=x.device, dtype=x.dtype)
+    y = torch.empty(n, d_out, device=x.device, dtype=x.dtype if base is None else base.dtype)
     h = (torch.zeros if skip_zero_gates else torch.empty)(n, r, device=x.device, dtype=torch.float32)
     if n == 0:
         return y, h
     cfg = rank_config(r)
     masked_lowrank_fwd_kernel[(triton.cdiv(n, BLOCK_N),)](
         x, a, a if mask is None else mask, b, gate, rank_order(gate, skip_zero_gates), y, h,
-        n, d_in, d_out, r, scale, HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        y if base is None else base, n, d_in, d_out, r, scale, HAS_MASK=mask is not None,
+        HAS_BASE=base is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         BLOCK_D=BLOCK_D, PRECISION=dot_precision(x, a, b), num_warps=NUM_WARPS, **cfg,
     )
     return y, h

@@ -13,10 +13,23 @@ from peft_lowrank_ext.kernels.hadamard import fwht_reference, hadamard_matrix
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_interpreter.py"
 
-# (rows, log2 n): odd row counts leave partial tiles; 14..18 take the two-pass path (half dtypes
-# only at 2^14: longer transforms cost interpreter time).
+# (rows, log2 n): odd row counts leave partial tiles. fp32 takes two passes from 2^14 on; fp16/bf16 (half
+# operands) hold up to 2^15 in one program (14, 15 single-pass) and take two passes, through a workspace
+# in their own dtype, from 2^16 on.
 SHAPES = [(1, 4), (3, 4), (33, 5), (7, 6), (2, 7), (17, 8), (3, 9), (1, 10), (5, 11), (2, 12), (3, 13), (1, 14)]
-CASES = [(dt, rows, k) for dt in DTYPES for rows, k in SHAPES] + [(torch.float32, 2, 16), (torch.float32, 1, 18)]
+CASES = [(dt, rows, k) for dt in DTYPES for rows, k in SHAPES] + [
+    (torch.float32, 2, 16), (torch.float32, 1, 18), (torch.bfloat16, 1, 15), (torch.float16, 1, 16),
+    (torch.bfloat16, 1, 17)]
+
+
+def test_pass_plans():
+    """One program per row up to 2^13 (fp32) or 2^15 (half operands, 16 warps); then strided passes."""
+    assert [len(th.plan_passes(k)) for k in (13, 14, 18)] == [1, 2, 2]
+    assert [len(th.plan_passes(k, half=True)) for k in (13, 15, 16, 24)] == [1, 1, 2, 2]
+    wide = th.plan_passes(15, half=True)[0].config
+    assert wide.lines == 1 and wide.num_warps == th.WIDE_NUM_WARPS
+    assert th.dot_mode(torch.float32) == th.DOT_SPLIT and th.dot_mode(torch.bfloat16) == th.DOT_HALF_EMULATED
+    assert th.dot_mode(torch.float16, interpret=False) == th.DOT_HALF
 
 
 def _dense_reference(x: torch.Tensor) -> torch.Tensor:
@@ -43,17 +56,20 @@ def test_fwht_batched_leading_dims_and_empty():
 def test_three_pass_path(monkeypatch, dtype):
     """Shrink the per-program limits so a small transform takes one contiguous + two strided passes."""
     monkeypatch.setattr(th, "MAX_CONTIG_LOG2", 8)
+    monkeypatch.setattr(th, "MAX_CONTIG_LOG2_HALF", 8)
     monkeypatch.setattr(th, "MAX_STRIDED_LOG2", 4)
-    assert th.plan_chunks(16) == [8, 4, 4]
+    assert th.plan_chunks(16) == th.plan_chunks(16, half=True) == [8, 4, 4]
     x = torch.randn(1, 1 << 16).to(dtype)
     assert_close(th.fwht_triton(x), fwht_reference(x.double()), dtype, "three passes")
 
 
-@pytest.mark.parametrize("dtype,rows,log2_n", [(torch.float16, 2, 10), (torch.float16, 1, 15), (torch.float32, 3, 8)],
+@pytest.mark.parametrize("dtype,rows,log2_n", [(torch.float16, 2, 10), (torch.float16, 1, 15), (torch.float16, 1, 16),
+                                                 (torch.float32, 3, 8)],
                          ids=str)
 def test_scale_applied_before_the_store(dtype, rows, log2_n):
     """fp16 rows whose unnormalised transform overflows (H x[0] ~ 128·n > 65504): the scaled
-    kernel output is finite and matches float64; at 2^15 the scale goes into the last (strided) pass."""
+    kernel output is finite and matches float64; the scale is applied as the first pass loads, so no fp16
+    intermediate overflows either (at 2^15 in one pass, at 2^16 through an fp16 workspace)."""
     n = 1 << log2_n
     torch.manual_seed(log2_n)
     x = (128.0 + 4.0 * torch.randn(rows, n)).to(dtype)

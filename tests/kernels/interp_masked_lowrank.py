@@ -28,9 +28,11 @@ def _inputs(n, d_in, d_out, r, dtype, active, with_mask, seed=0):
     return x, a, b, gate, mask, grad_y
 
 
-def _check(n, d_in, d_out, r, dtype, active, with_mask, gate_grad, splits=None):
+def _check(n, d_in, d_out, r, dtype, active, with_mask, gate_grad, splits=None, base_dtype=None):
     x, a, b, gate, mask, grad_y = _inputs(n, d_in, d_out, r, dtype, active, with_mask)
-    y, h = masked_lowrank_fwd_triton(x, a, b, gate, mask, SCALE, skip_zero_gates=not gate_grad)
+    base = None if base_dtype is None else torch.randn(n, d_out, generator=torch.Generator().manual_seed(5)).to(
+        base_dtype)
+    y, h = masked_lowrank_fwd_triton(x, a, b, gate, mask, SCALE, skip_zero_gates=not gate_grad, base=base)
     grads = masked_lowrank_bwd_triton(grad_y, x, a, b, gate, mask, h, SCALE, gate_grad, splits=splits)
 
     f64 = [t.double() if t is not None else None for t in (x, a, b, gate, mask)]
@@ -40,6 +42,9 @@ def _check(n, d_in, d_out, r, dtype, active, with_mask, gate_grad, splits=None):
     f64_abs = [t.abs() if t is not None else None for t in f64]
     y_abs, h_abs = masked_lowrank_reference(*f64_abs, SCALE)
     bounds = masked_lowrank_backward_reference(grad_y.double().abs(), *f64_abs, h_abs, SCALE, gate_grad)
+    if base is not None:  # base + update, summed in fp32 and rounded once to base's dtype
+        assert y.dtype == base.dtype
+        y_ref, y_abs, dtype = y_ref + base.double(), y_abs + base.double().abs(), base.dtype
     assert y.dtype == dtype
     assert_close(y, y_ref, dtype, "y", bound=y_abs)
     for name, got, ref, bound in zip(("dx", "dA", "dB", "dgate"), grads, refs, bounds):
@@ -66,6 +71,14 @@ def test_zero_gates_are_skipped_at_every_width(active):
 @pytest.mark.parametrize("with_mask", [True, False])
 def test_gate_gradient_and_mask_combinations(gate_grad, with_mask):
     _check(45, 40, 30, 12, torch.float32, active=6, with_mask=with_mask, gate_grad=gate_grad)
+
+
+@pytest.mark.parametrize("x_dtype,base_dtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("active", [12, 0])
+def test_base_output_accumulated_in_the_epilogue(x_dtype, base_dtype, active):
+    """The layer's base output added in the kernel; with every gate zero y is exactly the base output."""
+    _check(45, 40, 30, 12, x_dtype, active=active, with_mask=True, gate_grad=False, base_dtype=base_dtype)
 
 
 @pytest.mark.parametrize("splits", [1, 3])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from aten_ops import aten_ops
 from _kernel_checks import TOLERANCE, assert_close, random_fastfood_factors
 
 from peft_lowrank_ext.kernels import (
@@ -186,34 +187,84 @@ def _unfused(x, a, b, gate, scale, mask):
     return scale * ((x @ a.T) * gate) @ b.T
 
 
+KERNELS = ["aten", "triton"]  # on CPU "triton" runs the custom op's PyTorch reference
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("gate_grad", [True, False])
-def test_masked_lowrank_matches_unfused_autograd(with_mask, gate_grad):
+def test_masked_lowrank_matches_unfused_autograd(with_mask, gate_grad, with_base, kernel):
     inputs = _masked_inputs(gate_grad=gate_grad, with_mask=with_mask)
     x, a, b, gate, mask = inputs
+    base = torch.randn(9, 10, dtype=torch.float64, requires_grad=True) if with_base else None
     grad = torch.randn(9, 10, dtype=torch.float64)
-    y = masked_lowrank(x, a, b, gate, 0.75, mask)
-    wrt = [t for t in (x, a, b, gate) if t.requires_grad]
+    y = masked_lowrank(x, a, b, gate, 0.75, mask, base=base, kernel=kernel)
+    wrt = [t for t in (x, a, b, gate, base) if t is not None and t.requires_grad]
     got = torch.autograd.grad(y, wrt, grad)
-    y_ref = _unfused(x, a, b, gate, 0.75, mask)
+    y_ref = _unfused(x, a, b, gate, 0.75, mask) + (0 if base is None else base)
     ref = torch.autograd.grad(y_ref, wrt, grad)
     assert_close(y, y_ref)
     for g, r in zip(got, ref):
         assert_close(g, r)
 
 
-def test_masked_lowrank_gradcheck():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_masked_lowrank_gradcheck(kernel):
     x, a, b, gate, mask = _masked_inputs(n=4, d_in=5, d_out=3, r=5)
-    fn = lambda *t: masked_lowrank(*t, 1.3, mask)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, a, b, gate))
+    base = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda *t: masked_lowrank(*t[:4], 1.3, mask, base=t[4], kernel=kernel)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, a, b, gate, base))
 
 
-def test_masked_lowrank_flattens_leading_dims_and_keeps_dtype():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_masked_lowrank_flattens_leading_dims_and_keeps_dtype(kernel):
     x = torch.randn(2, 3, 16, dtype=torch.bfloat16)
     a, b, gate = torch.randn(4, 16), torch.randn(8, 4), torch.ones(4)
-    y = masked_lowrank(x, a, b, gate, 2.0)
+    y = masked_lowrank(x, a, b, gate, 2.0, kernel=kernel)
     assert y.shape == (2, 3, 8) and y.dtype == torch.bfloat16
     assert_close(y, _unfused(x.double(), a.double(), b.double(), gate.double(), 2.0, None), torch.bfloat16)
+    base = torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    y = masked_lowrank(x.float(), a, b, gate, 2.0, base=base, kernel=kernel)  # a fp32 adapter on a bf16 base
+    assert y.shape == (2, 3, 8) and y.dtype == torch.bfloat16
+    want = base.double() + _unfused(x.double(), a.double(), b.double(), gate.double(), 2.0, None)
+    assert_close(y, want, torch.bfloat16)
+
+
+def test_masked_lowrank_accumulates_into_base_with_one_gemm_when_exact():
+    """The update goes into the base output through ``addmm`` (no separate add) when the product is computed
+    in base's dtype anyway (same dtype, or autocast to it); otherwise it is rounded and added as PEFT does."""
+    x, a, b, gate, mask = (t.detach().float() if t is not None else None for t in _masked_inputs())
+    base = torch.randn(9, 10)
+    ops = aten_ops(lambda: masked_lowrank(x, a, b, gate, 0.5, mask, base=base))
+    assert ops.count("addmm") == 1 and "add" not in ops, ops
+    ops = aten_ops(lambda: masked_lowrank(x, a, b, gate, 0.5, mask, base=base.bfloat16()))
+    assert "addmm" not in ops and "add" in ops, ops  # fp32 product, bf16 base: round, then add
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = masked_lowrank(x, a, b, gate, 0.5, mask, base=base.bfloat16())
+        ops = aten_ops(lambda: masked_lowrank(x, a, b, gate, 0.5, mask, base=base.bfloat16()))
+    assert ops.count("addmm") == 1 and "add" not in ops, ops
+    assert y.dtype == torch.bfloat16
+    assert_close(y, base.double() + _unfused(x.double(), a.double(), b.double(), gate.double(), 0.5, mask.double()),
+                 torch.bfloat16)
+
+
+def test_masked_lowrank_kernel_choice(monkeypatch):
+    """``kernel=`` wins over ``$PEFT_LOWRANK_EXT_MASKED_KERNEL``; "auto" is the ATen path; bad names say what is allowed."""
+    from peft_lowrank_ext.kernels.masked_lowrank import KERNEL_ENV, resolve_kernel
+
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    assert resolve_kernel() == "aten" and resolve_kernel("auto") == "aten" and resolve_kernel("triton") == "triton"
+    monkeypatch.setenv(KERNEL_ENV, "triton")
+    assert resolve_kernel() == "triton" and resolve_kernel("aten") == "aten"
+    x, a, b, gate, mask = (t.detach().float() if t is not None else None for t in _masked_inputs())
+    assert "masked_lowrank" in aten_ops(lambda: masked_lowrank(x, a, b, gate, 0.5, mask))  # the custom op
+    monkeypatch.setenv(KERNEL_ENV, "cutlass")
+    with pytest.raises(ValueError, match=r"\$PEFT_LOWRANK_EXT_MASKED_KERNEL='cutlass' is not allowed; use one of "
+                                         r"auto, aten, triton"):
+        masked_lowrank(x, a, b, gate, 0.5)
+    with pytest.raises(ValueError, match="kernel='fast' is not allowed"):
+        masked_lowrank(x, a, b, gate, 0.5, kernel="fast")
 
 
 def test_masked_lowrank_validates_shapes():
@@ -221,6 +272,9 @@ def test_masked_lowrank_validates_shapes():
         masked_lowrank(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 3), torch.ones(4), 1.0)
     with pytest.raises(ValueError, match="mask"):
         masked_lowrank(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 4), torch.ones(4), 1.0, torch.ones(4, 7))
+    with pytest.raises(ValueError, match=r"base\(3, 4\) must have the output's shape \(3, 5\)"):
+        masked_lowrank(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5, 4), torch.ones(4), 1.0,
+                       base=torch.randn(3, 4))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +295,8 @@ def _opcheck_cases():
         "masked_lowrank": (_masked_lowrank_op, (x.requires_grad_(), a.requires_grad_(), b.requires_grad_(),
                                                 gate.requires_grad_(), mask, 0.5, False)),
         "masked_lowrank_no_mask": (_masked_lowrank_op, (x, a, b, gate.detach(), None, 0.5, True)),
+        "masked_lowrank_base": (_masked_lowrank_op, (x, a, b, gate.detach(), mask, 0.5, True,
+                                                     torch.randn(9, 10, requires_grad=True))),
         "masked_lowrank_backward": (_masked_lowrank_backward_op, backward_args),
     }
     return [pytest.param(op, args, id=name) for name, (op, args) in cases.items()]
@@ -251,14 +307,15 @@ def test_opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_torch_compile_fullgraph_forward_and_backward(kernel):
     torch._dynamo.reset()
     signs, perm, gauss = random_fastfood_factors(3, 64)
     x, a, b, gate, mask = (t.detach().float() if t is not None else None for t in _masked_inputs())
     z = torch.randn(3, 10)
 
     def loss(x, a, b, gate, z):
-        y = masked_lowrank(x, a, b, gate, 0.5, mask)
+        y = masked_lowrank(x, a, b, gate, 0.5, mask, base=x[:, :10], kernel=kernel)
         theta = fastfood_project(z, signs, perm, gauss, 50)
         return y.square().mean() + theta.square().sum() + fwht(x[:, :8]).square().mean()
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from _kernel_checks import SM90_JSON
 
-TIMEOUT_S = 900  # 119 builds on one worker since the fusion switches became constexprs
+TIMEOUT_S = 900  # 111 builds on one worker
 
 
 @pytest.mark.background("sm90")

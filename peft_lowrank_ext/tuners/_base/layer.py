@@ -42,6 +42,11 @@ class AdditiveAdapterLayer(BaseTunerLayer):
         """The adapter's additive output for input ``x`` (before casting to the result dtype)."""
         raise NotImplementedError
 
+    def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result + adapter_update(x)`` in result's dtype; layers whose product can accumulate into
+        ``result`` itself (the gated layer's ``addmm``) override it."""
+        return result + self.adapter_update(x, adapter_name).to(result.dtype)
+
     def adapter_is_on(self, adapter_name: str) -> bool:
         return True
 
@@ -61,7 +66,7 @@ class AdditiveAdapterLayer(BaseTunerLayer):
         self.before_adapter_forward(x)
         for adapter in self.active_adapters:
             if self.has_adapter(adapter) and self.adapter_is_on(adapter):
-                result = result + self.adapter_update(x, adapter).to(result.dtype)
+                result = self.adapter_add(result, x, adapter)
         return result.to(previous_dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

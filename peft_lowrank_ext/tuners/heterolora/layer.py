@@ -79,6 +79,11 @@ class HeteroLoraLayer(GatedLoraLayer):
     def set_on(self, adapter_name: str, on: bool) -> None:
         self._store("module_on")[adapter_name].fill_(1.0 if on else 0.0)
 
+    def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.__dict__.get(DELTA_SCALE_ATTR, {}) or WEIGHT_GRAD_ATTR in self.__dict__:
+            return result + self.adapter_update(x, adapter_name).to(result.dtype)  # a proxy observes the update
+        return super().adapter_add(result, x, adapter_name)
+
     def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         out = super().adapter_update(x, adapter_name)
         # alpha_test_delta (and alpha_test on a shortcut) scales ΔW x by a/10 (transient, never saved)
