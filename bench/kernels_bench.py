@@ -355,10 +355,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(out_dir: Path, result: dict) -> None:
+def write_results(out_dir: Path, stem: str, result: dict, render) -> None:
+    """``stem.json`` and ``stem.md`` (``render(result)``) in ``out_dir``; called after every section, so a run
+    cut short keeps what it finished."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kernels.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "kernels.md").write_text(markdown(result))
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    (out_dir / f"{stem}.md").write_text(render(result))
+
+
+def _write(out_dir: Path, result: dict) -> None:
+    write_results(out_dir, "kernels", result, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:

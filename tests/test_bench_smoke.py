@@ -132,3 +132,29 @@ def test_kernels_bench_budget_skips_sections_and_says_so(tmp_path):
     assert result["sections"] == {} and not result["checks_ok"]  # nothing checked is not "checks passed"
     assert result["skipped"] == ["check_fwht", "check_fastfood", "check_masked", "fwht", "masked", "fastfood"]
     assert "Skipped (time budget)" in (tmp_path / "kernels.md").read_text()
+
+
+def test_device_run_dry_run_goes_through_both_benches(tmp_path):
+    """The one prepared device call (``bench/device_run.sh``), CUDA-less: the kernel run and the training-step
+    run (every method against LoRA on a tiny Llama, the 7B estimate from two truncated models) both finish
+    and write their results, and a CPU run claims no goal."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path))
+    proc = subprocess.run(["bash", str(BENCH / "device_run.sh")], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "kernels_bench rc=0 train_step_bench rc=0" in proc.stdout
+    kernels = json.loads((tmp_path / "kernels" / "kernels.json").read_text())
+    assert kernels["checks_ok"] and kernels["dry_run"]
+    steps = json.loads((tmp_path / "train_step" / "train_step.json").read_text())
+    rows = steps["sections"]["step_1b"]
+    assert [r["method"] for r in rows] == ["lora", "rlora", "prilora", "heterolora", "autolora_search"]
+    assert all(r["median_ms"] > 0 and r["trainable"] > 0 and r["goal"] is None for r in rows)
+    assert rows[0]["time_vs_lora"] == 1.0 and rows[1]["trainable"] < rows[0]["trainable"]  # RLoRA trains only z
+    estimate = steps["sections"]["step_7b"]
+    assert estimate["lora_step_estimate_ms"] > 0 and estimate["fastfood_ms"] > 0 and estimate["goal"] is None
+    markdown = (tmp_path / "train_step" / "train_step.md").read_text()
+    assert "CPU dry run, not a measurement" in markdown and "no claim" in markdown and "| met |" not in markdown
+    assert (tmp_path / "machine.txt").exists()

@@ -105,11 +105,29 @@ def _transform_and_rotate(x, h, BITS: tl.constexpr, M: tl.constexpr, C: tl.const
 
 
 @triton.jit
+def _butterfly_and_rotate(x, M: tl.constexpr, C: tl.constexpr):
+    """The 2-point transform of the top bit of axis 0 of ``x`` (M, C) as a butterfly (``a ± b`` of the two
+    halves, exact in fp32), then that bit rotated to the bottom, as :func:`_transform_and_rotate` does."""
+    a, b = tl.split(tl.permute(tl.reshape(x, (2, M // 2 * C)), (1, 0)))
+    y = tl.permute(tl.reshape(tl.join(a + b, a - b), (M // 2, C, 2)), (0, 2, 1))
+    return tl.reshape(y, (M, C))
+
+
+@triton.jit
 def _hadamard_axis0(x, LOG2_M: tl.constexpr, C: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr):
-    """Unnormalised ``H_M`` along axis 0 of an fp32 tile (M, C)."""
+    """Unnormalised ``H_M`` along axis 0 of an fp32 tile (M, C).
+
+    The ``LOG2_M % 4`` bits left over by the 16-point tiles go through 2-point butterflies, not a mostly
+    zero 16×16 dot: on sm_90 that is one dot stage (and its shared-memory restaging) fewer, e.g. at
+    2^13 two barriers and a quarter of the MMAs fewer with the same shared memory. The 2^15 tile keeps the
+    dot: there the butterflies take 80 registers instead of 63, which halves the blocks per SM.
+    """
     M: tl.constexpr = 1 << LOG2_M
     REM: tl.constexpr = LOG2_M % 4
-    if REM != 0:
+    if M * C < 32768:
+        for _ in tl.static_range(REM):
+            x = _butterfly_and_rotate(x, M, C)
+    elif REM != 0:
         x = _transform_and_rotate(x, _hadamard_tile(REM), REM, M, C, DOT, HALF)
     h16 = _hadamard_tile(4)
     for _ in tl.static_range(LOG2_M // 4):

@@ -8,14 +8,17 @@ kernel (``dy`` → ``dh``, ``dx``, per-block partial ``dg``) and a weight kernel
 Rank skipping: the host orders ranks with a non-zero gate first and stores their count on the
 device (``order = [count, rank...]``), so there is no host sync. Each kernel reads the count and
 runs the narrowest rank width (16, 32 or 64, at most R_PAD) that holds the active ranks;
-inactive ranks are neither loaded nor multiplied. Skipping is only used when the gate needs no
-gradient (``dg`` of a zero gate is not zero).
+inactive ranks are neither loaded nor multiplied. With no active rank nothing is read: the
+forward writes the base output (or zeros) and the backward writes dx = 0. Skipping is only used when
+the gate needs no gradient (``dg`` of a zero gate is not zero).
 
 Every load is upcast to fp32 (the Triton interpreter mishandles bf16 arithmetic); fp16/bf16
 values are exact in tf32, so half inputs lose nothing in ``tl.dot``; fp32 inputs use tf32x3.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -36,10 +39,25 @@ def _active_ranks(order_ptr, n_act, W: tl.constexpr):
 
 @triton.jit
 def _width_selected(n_act, W: tl.constexpr, NARROWEST: tl.constexpr):
-    """True for exactly one width of the ladder NARROWEST, 2·NARROWEST, ..., R_PAD."""
+    """True for exactly one width of the ladder NARROWEST, 2·NARROWEST, ..., R_PAD; none when no rank is
+    active (then the kernels only write what must be written: no x, A, B or dy is read)."""
     if W == NARROWEST:
-        return n_act <= W
+        return (n_act <= W) & (n_act > 0)
     return (n_act <= W) & (n_act > W // 2)
+
+
+@triton.jit
+def _store_rows(src_ptr, dst_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, COPY: tl.constexpr):
+    """``dst[rows] = src[rows]`` (COPY) or 0 for this program's BLOCK_N rows of a (N, D) tensor."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        offs = rows[:, None] * D + ds[None, :]
+        ok = (rows < N)[:, None] & (ds < D)[None, :]
+        value = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        if COPY:
+            value = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(dst_ptr + offs, value.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -90,6 +108,8 @@ def masked_lowrank_fwd_kernel(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y
                               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """y = [base +] s·((x Aᵀ) ⊙ g) Bᵀ and h = x Aᵀ (fp32, active ranks) for BLOCK_N tokens."""
     n_act = tl.load(order_ptr)
+    if n_act == 0:  # every gate zero: y is the base output (or zeros); h stays the caller's zeros
+        _store_rows(base_ptr, y_ptr, N, D_OUT, BLOCK_N, BLOCK_D, HAS_BASE)
     for level in tl.static_range(LEVELS + 1):
         if _width_selected(n_act, R_PAD >> (LEVELS - level), R_PAD >> LEVELS):
             _fwd_body(x_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, y_ptr, h_ptr, base_ptr, N, D_IN, D_OUT,
@@ -139,6 +159,8 @@ def masked_lowrank_bwd_rows_kernel(dy_ptr, h_ptr, a_ptr, mask_ptr, b_ptr, g_ptr,
                                    PRECISION: tl.constexpr):
     """dh = (dy B) ⊙ g·s (fp32), dx = dh A, and this block's share of dg = s·Σ h ⊙ (dy B)."""
     n_act = tl.load(order_ptr)
+    if n_act == 0:  # every gate zero (and no gate gradient): dx = 0 without reading dy; dh is never read
+        _store_rows(dx_ptr, dx_ptr, N, D_IN, BLOCK_N, BLOCK_K, False)
     for level in tl.static_range(LEVELS + 1):
         if _width_selected(n_act, R_PAD >> (LEVELS - level), R_PAD >> LEVELS):
             _bwd_rows_body(dy_ptr, h_ptr, a_ptr, mask_ptr, b_ptr, g_ptr, order_ptr, dx_ptr, dh_ptr, dg_ptr,
@@ -241,11 +263,17 @@ def dot_precision(*tensors: torch.Tensor) -> str:
     return "tf32" if all(t.dtype in half for t in tensors) else "tf32x3"
 
 
+@functools.lru_cache(maxsize=64)
+def _all_ranks(r: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(r + 1, device=device, dtype=torch.int32).roll(1)  # [r, 0, 1, ..., r-1]
+
+
 def rank_order(gate: torch.Tensor, skip_zero_gates: bool) -> torch.Tensor:
-    """int32 ``[count, ranks...]``: active ranks first, computed on the device without a sync."""
+    """int32 ``[count, ranks...]``: active ranks first, computed on the device without a sync (and, when
+    every rank runs, built once per rank and device instead of two launches per call)."""
     r = gate.numel()
     if not skip_zero_gates:
-        return torch.arange(r + 1, device=gate.device, dtype=torch.int32).roll(1)  # [r, 0, 1, ..., r-1]
+        return _all_ranks(r, gate.device)
     keep = gate != 0
     order = torch.argsort((~keep).to(torch.int8), stable=True)
     return torch.cat([keep.sum().reshape(1), order]).to(torch.int32)

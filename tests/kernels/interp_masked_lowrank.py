@@ -92,3 +92,17 @@ def test_no_tokens():
     dx, da, db, dg = masked_lowrank_bwd_triton(grad_y, x, a, b, gate, mask, h, SCALE, True)
     assert y.shape == (0, 16) and dx.shape == (0, 16)
     assert not da.any() and not db.any() and not dg.any()
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_all_zero_gate_reads_no_input(with_base):
+    """Every gate zero and no gate gradient: y is the base output (or zeros) and dx, dA, dB are zero without
+    x, A, B or dy being read — infinities there would turn into NaN in any product (inf · 0)."""
+    x, a, b, gate, mask, grad_y = _inputs(70, 48, 40, 24, torch.float32, 0, with_mask=True)
+    x.fill_(float("inf"))
+    grad_y.fill_(float("inf"))
+    base = torch.randn(70, 40) if with_base else None
+    y, h = masked_lowrank_fwd_triton(x, a, b, gate, mask, SCALE, skip_zero_gates=True, base=base)
+    assert torch.equal(y, base if with_base else torch.zeros(70, 40)) and not h.any()
+    dx, da, db, dg = masked_lowrank_bwd_triton(grad_y, x, a, b, gate, mask, h, SCALE, False)
+    assert not dx.any() and not da.any() and not db.any() and not dg.any()

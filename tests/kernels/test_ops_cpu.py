@@ -307,7 +307,7 @@ def test_opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS + [None])  # None: read from the environment inside the graph
 def test_torch_compile_fullgraph_forward_and_backward(kernel):
     torch._dynamo.reset()
     signs, perm, gauss = random_fastfood_factors(3, 64)
