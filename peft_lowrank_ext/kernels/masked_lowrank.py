@@ -163,9 +163,11 @@ def _addmm_is_exact(base: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _aten_lowrank(x, a, b, gate, mask, scale: float, base: torch.Tensor | None) -> torch.Tensor:
-    """The unfused ATen sequence (cuBLAS on a GPU); plain autograd ops, so twice differentiable."""
-    dtype = _compute_dtype(x, a, b, gate)
-    hg = (x.to(dtype) @ _effective_a(a, mask, dtype).T) * (gate.to(dtype) * scale)
+    """The unfused ATen sequence (cuBLAS on a GPU); plain autograd ops, so twice differentiable. The scale
+    (and gate) multiply the N×r intermediate, not the N×d_out output: no extra pass over the output."""
+    dtype = _compute_dtype(x, a, b) if gate is None else _compute_dtype(x, a, b, gate)
+    h = x.to(dtype) @ _effective_a(a, mask, dtype).T
+    hg = h * scale if gate is None else h * (gate.to(dtype) * scale)
     b_t = b.to(dtype).T
     if base is None:
         return (hg @ b_t).to(x.dtype)
@@ -174,12 +176,13 @@ def _aten_lowrank(x, a, b, gate, mask, scale: float, base: torch.Tensor | None) 
     return base + (hg @ b_t).to(base.dtype)
 
 
-def masked_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor, scale: float,
+def masked_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torch.Tensor | None, scale: float,
                    mask: torch.Tensor | None = None, *, base: torch.Tensor | None = None,
                    kernel: str | None = None) -> torch.Tensor:
     """``scale · ((x (A ⊙ mask)ᵀ) ⊙ gate) Bᵀ`` over the last dimension of ``x`` (plus ``base``).
 
-    ``x`` (..., d_in), ``A`` (r, d_in), ``B`` (d_out, r), ``gate`` (r,), optional 0/1 ``mask``
+    ``x`` (..., d_in), ``A`` (r, d_in), ``B`` (d_out, r), ``gate`` (r,) or None (all ones: plain LoRA's
+    ``scale · x Aᵀ Bᵀ``, as RLoRA uses it), optional 0/1 ``mask``
     shaped like ``A`` (no gradient). Returns (..., d_out) in x's dtype, computed with fp32
     accumulation; with ``base`` (..., d_out) it returns ``base + update`` in base's dtype, the
     update accumulated into it by the product (a layer's base output: no separate add).
@@ -189,9 +192,9 @@ def masked_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torc
     """
     r, d_in = A.shape
     d_out = B.shape[0]
-    if x.shape[-1] != d_in or B.shape[1] != r or gate.shape != (r,):
+    if x.shape[-1] != d_in or B.shape[1] != r or (gate is not None and gate.shape != (r,)):
         raise ValueError(f"masked_lowrank: shapes x{tuple(x.shape)} A{tuple(A.shape)} B{tuple(B.shape)} "
-                         f"gate{tuple(gate.shape)} do not fit y = s·((x Aᵀ) ⊙ g) Bᵀ")
+                         f"gate{None if gate is None else tuple(gate.shape)} do not fit y = s·((x Aᵀ) ⊙ g) Bᵀ")
     if mask is not None and mask.shape != A.shape:
         raise ValueError(f"masked_lowrank: mask{tuple(mask.shape)} must have A's shape {tuple(A.shape)}")
     out_shape = (*x.shape[:-1], d_out)
@@ -201,6 +204,8 @@ def masked_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, gate: torc
     base2d = None if base is None else base.reshape(-1, d_out)
     if resolve_kernel(kernel) == "aten":
         return _aten_lowrank(x2d, A, B, gate, mask, float(scale), base2d).reshape(out_shape)
+    if gate is None:
+        gate = torch.ones(r, device=A.device, dtype=A.dtype)
     skip = not (torch.is_grad_enabled() and gate.requires_grad)
     y, _ = _masked_lowrank_op(x2d.contiguous(), A.contiguous(), B.contiguous(), gate.contiguous(),
                               None if mask is None else mask.contiguous(), float(scale), skip,

@@ -231,6 +231,18 @@ def test_masked_lowrank_flattens_leading_dims_and_keeps_dtype(kernel):
     assert_close(y, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_masked_lowrank_without_gate_is_plain_lora(kernel):
+    """``gate=None`` (RLoRA's product): ``scale · x Aᵀ Bᵀ``, gradients included."""
+    x, a, b, _, _ = _masked_inputs()
+    base = torch.randn(9, 10, dtype=torch.float64)
+    y = masked_lowrank(x, a, b, None, 0.75, base=base, kernel=kernel)
+    want = base + 0.75 * (x @ a.T) @ b.T
+    assert_close(y, want)
+    for got, ref in zip(torch.autograd.grad(y.sum(), (x, a, b)), torch.autograd.grad(want.sum(), (x, a, b))):
+        assert_close(got, ref)
+
+
 def test_masked_lowrank_accumulates_into_base_with_one_gemm_when_exact():
     """The update goes into the base output through ``addmm`` (no separate add) when the product is computed
     in base's dtype anyway (same dtype, or autocast to it); otherwise it is rounded and added as PEFT does."""

@@ -10,6 +10,7 @@ from torch import nn
 
 from .._base.layer import AdditiveAdapterLayer
 from .._base.targets import base_layer_features
+from ...kernels.masked_lowrank import masked_lowrank
 from .config import RLoraConfig
 from .projection import FastfoodProjection
 
@@ -208,9 +209,16 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self.update_layer(adapter_name, config, module_name)
 
     def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self._lowrank_product(x, adapter_name)
+
+    def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The base output plus the update, accumulated by the product (``addmm``) where that is exact."""
+        return self._lowrank_product(x, adapter_name, base=result)
+
+    def _lowrank_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
         lora_a, lora_b = self.lora_factors(adapter_name)
         h = self.rlr_dropout[adapter_name](self._cast_input_dtype(x, lora_a.dtype))
-        return (h @ lora_a.t()) @ lora_b.t() * self.rlr_scaling[adapter_name]
+        return masked_lowrank(h, lora_a, lora_b, None, self.rlr_scaling[adapter_name], base=base, kernel="aten")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.additive_forward(x, *args, **kwargs)
