@@ -182,6 +182,19 @@ def test_no_matching_target_modules_fails_at_wrap_like_lora(method):
         get_peft_model(LLAMA.build(), everything_excluded)
 
 
+@pytest.mark.parametrize("method", ["autolora", "prilora", "heterolora"])
+def test_bad_masked_kernel_choice_fails_at_wrap(method, monkeypatch):
+    """A mistyped ``$PEFT_LOWRANK_EXT_MASKED_KERNEL`` is one clear line when the model is wrapped, not an error
+    at the first training forward."""
+    monkeypatch.setenv("PEFT_LOWRANK_EXT_MASKED_KERNEL", "tritonn")
+    with pytest.raises(ValueError, match=r"^masked_lowrank: \$PEFT_LOWRANK_EXT_MASKED_KERNEL='tritonn' is not "
+                                         r"allowed; use one of auto, aten, triton$"):
+        get_peft_model(LLAMA.build(), METHODS[method].make_config(["q_proj"], LLAMA.task_type))
+    monkeypatch.setenv("PEFT_LOWRANK_EXT_MASKED_KERNEL", "triton")  # on CPU: the custom op's PyTorch path
+    model = get_peft_model(LLAMA.build(), METHODS[method].make_config(["q_proj"], LLAMA.task_type))
+    model(**LLAMA.inputs()).logits.sum().backward()
+
+
 def wider_llama():
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2,

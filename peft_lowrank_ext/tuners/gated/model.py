@@ -6,12 +6,14 @@ import dataclasses
 from typing import Optional
 
 import torch
+from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, ModulesToSaveWrapper
 
 from .._base.tuner import LowRankTuner
 from .._base.targets import align_fan_in_fan_out, base_layer_features
+from ...kernels.masked_lowrank import resolve_kernel
 from .layer import GatedLinear, GatedLoraLayer
 
 COMBINATION_TYPES = ("cat",)
@@ -28,6 +30,10 @@ class GatedTuner(LowRankTuner):
     def layer_options(self, config, module_name: str) -> dict:
         """Per-module ``r``, ``lora_alpha`` and layer flags (PRILoRA overrides the rank by depth)."""
         return {"r": config.r, "lora_alpha": config.lora_alpha}
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        resolve_kernel()  # a bad $PEFT_LOWRANK_EXT_MASKED_KERNEL fails when the model is wrapped, not mid-training
+        super()._prepare_model(peft_config, model)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
