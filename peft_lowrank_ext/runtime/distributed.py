@@ -46,6 +46,19 @@ def fsdp_kind(tensor: torch.Tensor) -> Optional[str]:
     return None
 
 
+def fsdp_model_holding(model: Optional[torch.nn.Module], root: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """``model`` if it is an FSDP model (a ``fully_shard`` module or an FSDP1 wrapper) with ``root`` among its
+    modules, else None: the module a per-step pass must go through under FSDP, whose root unit gathers the
+    embeddings and head in its forward."""
+    if model is None or not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, (FSDPModule, FullyShardedDataParallel)) and any(m is root for m in model.modules()):
+        return model
+    return None
+
+
 def fsdp1_whole(module: torch.nn.Module, tensors, writeback: bool = False, with_grads: bool = False):
     """A context in which FSDP1's flat slices of ``tensors`` (parameters inside ``module``) are whole again
     (``summon_full_params``, with their gradients if ``with_grads``); a no-op when none is FSDP1-managed.

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .._base.tuner import adapted_root, unwrap_data_parallel
-from ...runtime.distributed import deepspeed_managed, fsdp_kind, replica_reduce
+from ...runtime.distributed import deepspeed_managed, fsdp_kind, fsdp_model_holding, replica_reduce
 from .layer import AutoLoraLayer
 
 SEARCH_ATTR = "_autolora_search"
@@ -210,15 +210,9 @@ def search_step(root: nn.Module, optimizer: torch.optim.Optimizer) -> None:
 
 
 def _sharded_entry(root: nn.Module) -> nn.Module | None:
-    """The module AutoLoraSearch was attached to, if it is an FSDP2 (fully_shard) module or an FSDP1 wrapper
-    that holds ``root``."""
+    """The module AutoLoraSearch was attached to, if it is an FSDP model that holds ``root``."""
     ref = getattr(root, ENTRY_ATTR, None)
-    entry = ref() if ref is not None else None
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if entry is None or not isinstance(entry, (FSDPModule, FullyShardedDataParallel)):
-        return None
-    return entry if any(m is root for m in entry.modules()) else None
+    return fsdp_model_holding(ref() if ref is not None else None, root)
 
 
 def _lr_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> float:

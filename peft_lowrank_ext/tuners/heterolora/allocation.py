@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .._base.tuner import adapted_root
-from ...runtime.distributed import fsdp_kind, replica_reduce
+from ...runtime.distributed import fsdp_kind, fsdp_model_holding, replica_reduce
 from .config import ZERO_AT_INIT, budget_count, realloc_steps
 from .data import attached, next_due
 from .layer import (FLAG_ALL_ZERO, FLAG_FALLBACK, FLAG_ON, N_ALLOC, N_SCORED, NEXT_ALLOC, STEP, HeteroLoraLayer,
@@ -246,12 +246,9 @@ def attach_sharded_entry(root: nn.Module, model: nn.Module) -> None:
     """``model`` is the FSDP model (fully_shard root or FSDP1 wrapper) that holds ``root``: allocate (authors'
     timing) in a forward pre-hook of ``model`` that runs before FSDP's forward, so that the scoring passes go
     through ``model`` outside any FSDP forward (inside ``root``'s forward the root unit is already gathered)."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
     from .proxies import ENTRY_ATTR
 
-    if (model is root or not isinstance(model, (FSDPModule, FullyShardedDataParallel))
-            or not any(m is root for m in model.modules())):
+    if model is root or fsdp_model_holding(model, root) is None:
         return
     object.__setattr__(root, ENTRY_ATTR, weakref.ref(model))
     if model.__dict__.get(ENTRY_HOOK_ATTR) is None:
