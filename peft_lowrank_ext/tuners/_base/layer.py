@@ -38,14 +38,18 @@ class AdditiveAdapterLayer(BaseTunerLayer):
         factors = self.export_factors(adapter_name)
         return 0 if factors is None else int(factors[0].shape[0])
 
-    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The adapter's additive output for input ``x`` (before casting to the result dtype)."""
+    def adapter_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's additive output for input ``x``; with ``base`` (the base layer's output), ``base`` plus
+        it in base's dtype, accumulated by the product itself (``addmm``) where that rounds the same."""
         raise NotImplementedError
 
+    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's additive output for input ``x`` (before casting to the result dtype)."""
+        return self.adapter_product(x, adapter_name)
+
     def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``result + adapter_update(x)`` in result's dtype; layers whose product can accumulate into
-        ``result`` itself (the gated layer's ``addmm``) override it."""
-        return result + self.adapter_update(x, adapter_name).to(result.dtype)
+        """``result`` plus the adapter's output for ``x``, in result's dtype."""
+        return self.adapter_product(x, adapter_name, base=result)
 
     def adapter_is_on(self, adapter_name: str) -> bool:
         return True

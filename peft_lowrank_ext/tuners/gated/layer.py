@@ -154,14 +154,7 @@ class GatedLoraLayer(AdditiveAdapterLayer):
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self._store("A")
 
-    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self._gated_product(x, adapter_name)
-
-    def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The base output plus the update, accumulated by the product (``addmm``) where that is exact."""
-        return self._gated_product(x, adapter_name, base=result)
-
-    def _gated_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+    def adapter_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
         lora_a = self._store("A")[adapter_name]
         h = self._store("dropout")[adapter_name](self._cast_input_dtype(x, lora_a.dtype))
         return masked_lowrank(

@@ -81,7 +81,7 @@ class HeteroLoraLayer(GatedLoraLayer):
 
     def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if adapter_name in self.__dict__.get(DELTA_SCALE_ATTR, {}) or WEIGHT_GRAD_ATTR in self.__dict__:
-            return result + self.adapter_update(x, adapter_name).to(result.dtype)  # a proxy observes the update
+            return result + self.adapter_update(x, adapter_name).to(result.dtype)  # a proxy scales or observes it
         return super().adapter_add(result, x, adapter_name)
 
     def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -208,14 +208,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
-    def adapter_update(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self._lowrank_product(x, adapter_name)
-
-    def adapter_add(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """The base output plus the update, accumulated by the product (``addmm``) where that is exact."""
-        return self._lowrank_product(x, adapter_name, base=result)
-
-    def _lowrank_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
+    def adapter_product(self, x: torch.Tensor, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
         lora_a, lora_b = self.lora_factors(adapter_name)
         h = self.rlr_dropout[adapter_name](self._cast_input_dtype(x, lora_a.dtype))
         return masked_lowrank(h, lora_a, lora_b, None, self.rlr_scaling[adapter_name], base=base, kernel="aten")
