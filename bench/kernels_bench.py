@@ -283,30 +283,36 @@ def environment(device: str) -> dict:
     return info
 
 
+def run_sections(result: dict, sections: list, budget_s: float, write) -> None:
+    """Run ``(name, fn)`` sections in order into ``result["sections"]``; one that would start after ``budget_s``
+    seconds is skipped and named in ``result["skipped"]``. ``write(result)`` after each, so a run cut short keeps
+    what it finished."""
+    start = time.perf_counter()
+    for name, fn in sections:
+        if time.perf_counter() - start > budget_s:
+            result["skipped"].append(name)
+            continue
+        t0 = time.perf_counter()
+        result["sections"][name] = fn()
+        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 2)
+        write(result)
+    result["seconds"] = round(time.perf_counter() - start, 2)
+
+
 def run(out_dir: Path, dry_run: bool, budget_s: float) -> dict:
     device = "cpu" if dry_run else "cuda"
     plan = PLANS["dry" if dry_run else "gpu"]
     k = load_kernels()
     timer = Timer(device, *plan["timer"])
-    start = time.perf_counter()
     result = {"environment": environment(device), "dry_run": dry_run, "sections": {}, "skipped": []}
-
-    def section(name, fn):
-        if time.perf_counter() - start > budget_s:
-            result["skipped"].append(name)
-            return
-        t0 = time.perf_counter()
-        result["sections"][name] = fn()
-        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t0, 2)
-        _write(out_dir, result)  # keep what is done if the run is cut short
-
-    section("check_fwht", lambda: check_fwht(k, device, plan["check_fwht"]))
-    section("check_fastfood", lambda: check_fastfood(k, device, plan["check_fastfood"]))
-    section("check_masked", lambda: check_masked(k, device, plan["check_masked"]))
-    section("fwht", lambda: time_fwht(k, timer, device, plan["fwht"], plan["fwht_total_log2"], plan["fwht_dtypes"]))
-    section("masked", lambda: time_masked(k, timer, device, plan["masked"], plan["ranks"], "bf16"))
-    section("fastfood", lambda: time_fastfood(k, timer, device, *plan["fastfood"]))
-    result["seconds"] = round(time.perf_counter() - start, 2)
+    run_sections(result, [
+        ("check_fwht", lambda: check_fwht(k, device, plan["check_fwht"])),
+        ("check_fastfood", lambda: check_fastfood(k, device, plan["check_fastfood"])),
+        ("check_masked", lambda: check_masked(k, device, plan["check_masked"])),
+        ("fwht", lambda: time_fwht(k, timer, device, plan["fwht"], plan["fwht_total_log2"], plan["fwht_dtypes"])),
+        ("masked", lambda: time_masked(k, timer, device, plan["masked"], plan["ranks"], "bf16")),
+        ("fastfood", lambda: time_fastfood(k, timer, device, *plan["fastfood"])),
+    ], budget_s, lambda r: _write(out_dir, r))
     checks = [name for name in result["sections"] if name.startswith("check_")]
     result["checks_ok"] = len(checks) == 3 and all(c["ok"] for name in checks for c in result["sections"][name])
     result["foreign_imports"] = sorted(m for m in ("peft", "transformers", "accelerate") if m in sys.modules)

@@ -194,14 +194,9 @@ def run(out_dir: Path, dry_run: bool, budget_s: float) -> dict:
     result = {"environment": {**kernels_bench.environment(device), "peft": peft.__version__,
                               "transformers": transformers.__version__},
               "dry_run": dry_run, "batch": plan["batch"], "seq": plan["seq"], "sections": {}, "skipped": []}
-    start = time.perf_counter()
-    for name, fn in (("step_1b", lambda: step_1b(plan, device)), ("step_7b", lambda: step_7b_estimate(plan, device))):
-        if time.perf_counter() - start > budget_s:
-            result["skipped"].append(name)
-            continue
-        result["sections"][name] = fn()
-        _write(out_dir, result)
-    result["seconds"] = round(time.perf_counter() - start, 2)
+    kernels_bench.run_sections(result, [("step_1b", lambda: step_1b(plan, device)),
+                                        ("step_7b", lambda: step_7b_estimate(plan, device))],
+                               budget_s, lambda r: _write(out_dir, r))
     _write(out_dir, result)
     return result
 
